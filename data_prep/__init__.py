@@ -1,0 +1,1 @@
+"""Turn an ImageFolder/ImageNet-layout dataset into WebDataset shards plus a manifest."""

@@ -1,0 +1,168 @@
+"""Run independent tasks on local processes or on a Ray cluster, with a live progress bar.
+
+Tasks are plain module-level functions taking keyword arguments and an ``on_sample(nbytes)``
+callback; the same function runs in-process (``workers=1``), in a process pool, or as a Ray task.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+_counters = None  # (images, bytes) shared with the parent, set in each pool process
+
+
+def _init_worker(images, nbytes) -> None:
+    global _counters
+    _counters = (images, nbytes)
+    # Ctrl-C goes to the parent, which stops the pool; workers must not die half-way on their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _count(nbytes: int) -> None:
+    images, total = _counters
+    with images.get_lock():
+        images.value += 1
+    with total.get_lock():
+        total.value += nbytes
+
+
+def _run_counted(fn: Callable, kwargs: dict):
+    return fn(on_sample=_count, **kwargs)
+
+
+class Progress:
+    """A tqdm bar in images with the data rate beside it; ``update`` takes absolute totals."""
+
+    def __init__(self, desc: str, total: int, enabled: bool = True):
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr,
+                        mininterval=0.5, dynamic_ncols=True, smoothing=0.1)
+        self.started = time.monotonic()
+        self.images = 0
+        self.nbytes = 0
+
+    def update(self, images: int, nbytes: int) -> None:
+        if images > self.images:
+            self.bar.update(images - self.images)
+            self.images = images
+        self.nbytes = nbytes
+        if nbytes:
+            elapsed = max(1e-6, time.monotonic() - self.started)
+            self.bar.set_postfix_str(f"{nbytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Executor:
+    def run(self, fn: Callable, tasks: list[dict], progress: Progress) -> Iterator[tuple[int, object]]:
+        """Yield ``(task index, result)`` as tasks finish, updating ``progress`` meanwhile."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InlineExecutor(Executor):
+    """Everything in this process: for one worker, debugging and profiling."""
+
+    def run(self, fn, tasks, progress):
+        seen = [0, 0]
+
+        def on_sample(nbytes: int) -> None:
+            seen[0] += 1
+            seen[1] += nbytes
+            progress.update(seen[0], seen[1])
+
+        for i, kwargs in enumerate(tasks):
+            yield i, fn(on_sample=on_sample, **kwargs)
+
+
+class ProcessExecutor(Executor):
+    def __init__(self, workers: int):
+        ctx = mp.get_context("forkserver")
+        self.images = ctx.Value("q", 0)
+        self.nbytes = ctx.Value("q", 0)
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(self.images, self.nbytes))
+
+    def run(self, fn, tasks, progress):
+        with self.images.get_lock():
+            self.images.value = 0
+        with self.nbytes.get_lock():
+            self.nbytes.value = 0
+        pending = {self.pool.submit(_run_counted, fn, kwargs): i for i, kwargs in enumerate(tasks)}
+        while pending:
+            done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            progress.update(self.images.value, self.nbytes.value)
+            for future in done:
+                yield pending.pop(future), future.result()
+        progress.update(self.images.value, self.nbytes.value)
+
+    def close(self) -> None:
+        # Terminate rather than wait: after an error or Ctrl-C, a half-written shard is worthless
+        # (it is never published) and the next run redoes it.
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            process.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor(Executor):
+    """One Ray task per unit of work (one shard, one chunk of files), spread over the cluster."""
+
+    def __init__(self, address: str):
+        import ray
+
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        self._task = ray.remote(num_cpus=1, max_retries=3)(_ray_task)
+
+    def run(self, fn, tasks, progress):
+        ray = self.ray
+        refs = {self._task.remote(fn, kwargs): i for i, kwargs in enumerate(tasks)}
+        images = nbytes = 0
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+            for ref in done:
+                result, n_images, n_bytes = ray.get(ref)
+                images, nbytes = images + n_images, nbytes + n_bytes
+                progress.update(images, nbytes)
+                yield refs.pop(ref), result
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def _ray_task(fn, kwargs):
+    seen = [0, 0]
+
+    def on_sample(nbytes: int) -> None:
+        seen[0] += 1
+        seen[1] += nbytes
+
+    result = fn(on_sample=on_sample, **kwargs)
+    return result, seen[0], seen[1]
+
+
+def make_executor(workers: int, ray_address: str | None) -> Executor:
+    if ray_address:
+        return RayExecutor(ray_address)
+    if workers <= 1:
+        return InlineExecutor()
+    return ProcessExecutor(workers)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,206 @@
+"""Decide what to do with each input file, and turn it into the RGB JPEG a shard stores.
+
+Two steps, so a dataset can be planned before any shard is written:
+
+- ``probe_image`` (cheap, run over every file first) reads the header and decides: *keep* the
+  original bytes (a complete RGB JPEG needing no rotation or resize), *convert* (CMYK, grayscale,
+  PNG, EXIF-rotated, other formats: decoded once here so broken files are caught now), *resize*
+  (``--resize-short-side``), or *reject* with a reason. The format always comes from the bytes,
+  never from the file name.
+- ``prepare_image`` (in the shard writer) produces the stored bytes for that decision.
+
+A clean RGB JPEG is accepted on its structure (headers parse, the end-of-image marker is present)
+unless ``check="decode"`` asks for a full decode: a full decode is what limits throughput, and
+libjpeg tolerates most damage inside the entropy-coded data anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+KEEP, CONVERT, RESIZE, REJECT = "keep", "convert", "resize", "reject"
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning level
+_HEAD_BYTES = 256 * 1024
+_EOI = b"\xff\xd9"
+_ORIENTATION = 0x0112
+
+
+class RejectedImage(Exception):
+    """The file cannot become a training sample; the message is the reason kept in the manifest."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    resize_short_side: int | None = None  # shrink so the short side is this many pixels; None keeps size
+    quality: int = 90  # JPEG quality whenever an image is re-encoded
+    check: str = "header"  # "header": structural check of clean JPEGs; "decode": decode every image
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
+
+    def __post_init__(self):
+        if self.check not in ("header", "decode"):
+            raise ValueError(f"check must be 'header' or 'decode', not {self.check!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, not {self.quality}")
+        if self.resize_short_side is not None and self.resize_short_side < 8:
+            raise ValueError(f"resize_short_side must be at least 8, not {self.resize_short_side}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, not {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class Probe:
+    action: str  # KEEP, CONVERT, RESIZE or REJECT
+    reason: str = ""  # why it was rejected
+    width: int = 0  # as displayed (after EXIF rotation), before any resize
+    height: int = 0
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open from bytes with the bomb guard applied from the header, before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise RejectedImage(f"decompression bomb refused: {e}") from None
+        except UnidentifiedImageError:
+            raise RejectedImage("not an image: unrecognised format") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise RejectedImage(f"unreadable image header: {e}") from None
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        raise RejectedImage(
+            f"decompression bomb refused: {image.width}x{image.height} = {pixels} pixels > max_pixels {max_pixels}"
+        )
+    if image.width < 1 or image.height < 1:
+        raise RejectedImage(f"empty image: {image.width}x{image.height}")
+    return image
+
+
+def decode_image(image: Image.Image) -> None:
+    """Decode every pixel; Pillow raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays off)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Image.DecompressionBombWarning as e:
+        raise RejectedImage(f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        message = str(e)
+        if "truncated" in message:
+            raise RejectedImage(f"truncated image: {message}") from None
+        raise RejectedImage(f"corrupt image, cannot decode: {message}") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: treat as unrotated; Pillow may choke on it
+        return 1
+
+
+def _displayed_size(image: Image.Image, orientation: int) -> tuple[int, int]:
+    if orientation in (5, 6, 7, 8):  # the EXIF orientations that swap width and height
+        return image.height, image.width
+    return image.width, image.height
+
+
+def _read_for_probe(path: Path) -> tuple[bytes, bytes, int]:
+    """The file's head (enough for headers) and its last bytes, without reading it all."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        size = f.seek(0, 2)
+        if size <= len(head):
+            return head, head[-16:], size
+        f.seek(max(0, size - 16))
+        return head, f.read(16), size
+
+
+def probe_image(path: str | Path, options: ImageOptions) -> Probe:
+    """Decide what to do with the file at ``path``; never raises for a bad image, only rejects it."""
+    path = Path(path)
+    try:
+        head, tail, size = _read_for_probe(path)
+    except IsADirectoryError:
+        return Probe(REJECT, "not a file")
+    except OSError as e:
+        return Probe(REJECT, f"unreadable: {e.strerror or e}")
+    if size == 0:
+        return Probe(REJECT, "empty file (0 bytes)")
+    data = head
+    try:
+        try:
+            image = open_image(head, options.max_pixels)
+        except RejectedImage:
+            if size <= len(head):
+                raise
+            data = path.read_bytes()  # headers larger than the head we read (huge EXIF/ICC blocks)
+            image = open_image(data, options.max_pixels)
+        orientation = _orientation(image)
+        width, height = _displayed_size(image, orientation)
+        clean_jpeg = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+                      and tail.rstrip(b"\x00").endswith(_EOI))
+        if not clean_jpeg or options.check == "decode":
+            if len(data) < size:
+                data = path.read_bytes()
+            image = open_image(data, options.max_pixels)
+            decode_image(image)
+    except RejectedImage as e:
+        return Probe(REJECT, str(e))
+    except OSError as e:
+        return Probe(REJECT, f"unreadable: {e.strerror or e}")
+    short = options.resize_short_side
+    if short is not None and min(width, height) > short:
+        return Probe(RESIZE, width=width, height=height)
+    return Probe(KEEP if clean_jpeg else CONVERT, width=width, height=height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels have arbitrary colours underneath: show them on white, as viewers do.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")  # CMYK (Adobe inversion handled by Pillow), L, P, I;16, ...
+
+
+def resized_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """The (width, height) after shrinking the short side to ``short_side``; never enlarges."""
+    if short_side is None or min(width, height) <= short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def prepare_image(data: bytes, probe: Probe, options: ImageOptions) -> tuple[bytes, int, int]:
+    """The RGB JPEG bytes to store for a probed file, with their width and height.
+
+    Raises RejectedImage if the bytes turn out not to decode (possible only for files accepted
+    on their structure alone) so the shard writer can record the reject and go on.
+    """
+    if probe.action == KEEP:
+        return data, probe.width, probe.height
+    assert probe.action in (CONVERT, RESIZE), probe.action
+    image = open_image(data, options.max_pixels)
+    target = resized_size(probe.width, probe.height, options.resize_short_side)
+    if image.format == "JPEG" and target != (probe.width, probe.height):
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target allows it: far less work.
+        # draft() works in stored orientation and keeps the result at least as large as asked.
+        stored = target if (image.width, image.height) == (probe.width, probe.height) else target[::-1]
+        image.draft("RGB", stored)
+    decode_image(image)
+    image = ImageOps.exif_transpose(image)
+    image = _to_rgb(image)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=options.quality)
+    return out.getvalue(), target[0], target[1]

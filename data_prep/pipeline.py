@@ -1,0 +1,270 @@
+"""``alexray shard SRC DEST``: scan, probe, plan, write shards, write the manifest last.
+
+Order of work, and why:
+1. Check DEST is writable and SRC holds images: every usage error surfaces before any output.
+2. Probe every file (cheap, parallel): rejects are known before planning, so shards come out
+   equal-sized and any worker can write any shard from the plan alone.
+3. Resume: a shard whose ``_progress/`` record matches this run's fingerprint, size and sha256 is
+   kept; every other shard is (re)written.
+4. ``manifest.json`` last, then the progress records are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EXIT_FAILED, ShardError
+from .executor import Progress, default_workers, make_executor
+from .images import REJECT, ImageOptions, probe_image
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
+from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, plan_split, planned_sample, progress_name,
+                     write_shard)
+from .sources import SourceDataset, scan_source
+from .storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+_SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+PROBE_CHUNK = 256
+
+
+@dataclass
+class ShardConfig:
+    """Options of ``alexray shard``; the ones in ``output_options`` decide the bytes written."""
+
+    splits: list[str] | None = None  # splits to shard; None: every one of train/val present
+    shard_size: int = 1000  # samples per shard
+    max_shard_bytes: int | None = None  # lower the samples per shard so shards stay under this size
+    resize_short_side: int | None = None  # re-encode with this short side; None keeps original JPEG bytes
+    quality: int = 90  # JPEG quality for re-encoded and converted images
+    check: str = "header"  # "header" or "decode": how hard to check clean JPEGs
+    max_pixels: int = ImageOptions.max_pixels  # decompression-bomb guard
+    seed: int = 0  # shuffle seed; the same seed gives the same shards
+    workers: int = field(default_factory=default_workers)  # local processes
+    overwrite: bool = False  # replace a different dataset already at DEST
+    max_reject_fraction: float = 0.001  # exit non-zero when more inputs than this are rejected
+    ray_address: str | None = None  # spread the work over this Ray cluster
+    progress: bool = True  # show progress bars
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, not {self.shard_size}")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
+            raise ValueError(f"max_shard_bytes must be at least 1024, not {self.max_shard_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], not {self.max_reject_fraction}")
+        self.image_options()  # validates the image fields
+
+    def image_options(self) -> ImageOptions:
+        return ImageOptions(self.resize_short_side, self.quality, self.check, self.max_pixels)
+
+    def output_options(self) -> dict:
+        return {"shard_size": self.shard_size, "max_shard_bytes": self.max_shard_bytes,
+                "resize_short_side": self.resize_short_side, "quality": self.quality, "check": self.check,
+                "max_pixels": self.max_pixels, "seed": self.seed}
+
+
+@dataclass
+class ShardSummary:
+    dest: str
+    manifest: dict
+    written: int  # shards written by this run
+    skipped: int  # shards found complete from an earlier, interrupted run
+    seconds: float
+    up_to_date: bool = False  # DEST already held this exact dataset
+
+
+def fingerprint_of(dataset: SourceDataset, config: ShardConfig) -> str:
+    """Identifies a sharding: the inputs (paths and sizes), the class table and the output options."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format_version": FORMAT_VERSION, "options": config.output_options(),
+                              "classes": dataset.class_ids, "splits": sorted(dataset.splits)},
+                             sort_keys=True).encode())
+    for split in sorted(dataset.splits):
+        for f in dataset.splits[split]:
+            digest.update(f"{split}\0{f.relpath}\0{f.size}\n".encode())
+    return digest.hexdigest()
+
+
+def probe_chunk(src_root: str, relpaths: list[str], options: ImageOptions, on_sample=None):
+    """Probe a list of files; a task for the executor."""
+    probes = []
+    for rel in relpaths:
+        probes.append(probe_image(Path(src_root, rel), options))
+        if on_sample is not None:
+            on_sample(0)
+    return probes
+
+
+def _check_existing(storage: Storage, fingerprint: str, config: ShardConfig) -> bool:
+    """Refuse to mix datasets at DEST. Returns True when DEST already holds exactly this dataset."""
+    objects = storage.list()
+    names = {o.name for o in objects}
+    if MANIFEST_NAME in names:
+        manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), storage.join(MANIFEST_NAME))
+        if manifest.get("fingerprint") == fingerprint and not config.overwrite:
+            return True
+        if not config.overwrite:
+            raise ShardError(f"DEST {storage.url} already holds a different dataset (its manifest.json has other "
+                             "inputs or options): pass --overwrite to replace it, or choose another DEST")
+    foreign_progress = []
+    for o in objects:
+        if o.name.startswith(PROGRESS_DIR + "/") and o.name.endswith(".json"):
+            try:
+                record = json.loads(storage.read_bytes(o.name))
+            except json.JSONDecodeError:
+                continue  # unreadable record: its shard is simply rewritten
+            if record.get("fingerprint") != fingerprint:
+                foreign_progress.append(o.name)
+    if foreign_progress and not config.overwrite:
+        raise ShardError(f"DEST {storage.url} holds an unfinished sharding of a different dataset or with other "
+                         "options: rerun that command to finish it, pass --overwrite to replace it, or choose another DEST")
+    foreign = [o.name for o in objects if not _ours(o.name)]
+    if foreign and not config.overwrite:
+        raise ShardError(f"DEST {storage.url} is not empty ({len(foreign)} other files, e.g. {foreign[0]!r}): "
+                         "choose an empty DEST or pass --overwrite")
+    return False
+
+
+def _ours(name: str) -> bool:
+    return (name == MANIFEST_NAME or name.startswith(PROGRESS_DIR + "/") or bool(_SHARD_RE.match(name))
+            or ".partial-" in name)
+
+
+def _completed_shards(storage: Storage, plans: list[ShardPlan], fingerprint: str) -> dict[str, ShardResult]:
+    """Shards left complete by an earlier run of this same sharding, checked by size and checksum."""
+    planned = {p.name for p in plans}
+    done = {}
+    for o in storage.list(PROGRESS_DIR + "/"):
+        try:
+            result = ShardResult.from_json(json.loads(storage.read_bytes(o.name)))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if result.fingerprint != fingerprint or result.name not in planned:
+            continue
+        info = storage.info(result.name)
+        if info is None or info.size != result.bytes or storage.sha256(result.name) != result.sha256:
+            log.info("shard %s is incomplete or changed; rewriting it", result.name)
+            continue
+        done[result.name] = result
+    return done
+
+
+def _remove_stale(storage: Storage, plans: list[ShardPlan], keep: set[str]) -> None:
+    """With --overwrite: drop the old manifest first, then old shards and records not reused."""
+    planned = {p.name for p in plans}
+    storage.delete(MANIFEST_NAME)
+    for o in storage.list():
+        if o.name == MANIFEST_NAME:
+            continue
+        if o.name.startswith(PROGRESS_DIR + "/"):
+            if o.name[len(PROGRESS_DIR) + 1:-len(".json")] not in keep:
+                storage.delete(o.name)
+        elif _SHARD_RE.match(o.name) and o.name not in planned:
+            storage.delete(o.name)
+
+
+def shard_dataset(src: str | Path, dest: str, config: ShardConfig) -> ShardSummary:
+    storage = open_storage(dest)
+    dataset = scan_source(src, config.splits)
+    storage.check_writable()
+    fingerprint = fingerprint_of(dataset, config)
+    progress_on = config.progress
+    if _check_existing(storage, fingerprint, config):
+        manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), storage.join(MANIFEST_NAME))
+        return ShardSummary(storage.url, manifest, 0, 0, 0.0, up_to_date=True)
+    storage.clean_partial()
+
+    options = config.image_options()
+    executor = make_executor(config.workers, config.ray_address)
+    staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None else None
+    try:
+        # Pass 1: probe every file.
+        work = [(split, f) for split in sorted(dataset.splits) for f in dataset.splits[split]]
+        chunks = [work[i:i + PROBE_CHUNK] for i in range(0, len(work), PROBE_CHUNK)]
+        tasks = [{"src_root": str(dataset.root), "relpaths": [f.relpath for _, f in chunk], "options": options}
+                 for chunk in chunks]
+        probes = [None] * len(chunks)
+        bar = Progress("checking", len(work), progress_on)
+        for i, result in executor.run(probe_chunk, tasks, bar):
+            probes[i] = result
+        bar.close()
+
+        accepted: dict[str, list] = {split: [] for split in dataset.splits}
+        rejected: dict[str, list[dict]] = {s: [r.to_json() for r in dataset.rejects.get(s, [])] for s in dataset.splits}
+        for chunk, chunk_probes in zip(chunks, probes):
+            for (split, f), probe in zip(chunk, chunk_probes):
+                if probe.action == REJECT:
+                    rejected[split].append({"path": f.relpath, "reason": probe.reason})
+                else:
+                    accepted[split].append(planned_sample(f.key, f.relpath, f.class_index,
+                                                          dataset.class_ids[f.class_index], f.size, probe, options))
+        n_inputs = len(work) + sum(len(r) for r in dataset.rejects.values())
+        _check_reject_fraction(rejected, n_inputs, config.max_reject_fraction)
+
+        plans = [plan for split in sorted(accepted)
+                 for plan in plan_split(split, accepted[split], config.seed, config.shard_size, config.max_shard_bytes)]
+        if not plans:
+            raise ShardError(f"no valid images in SRC {dataset.root}: all {n_inputs} inputs were rejected "
+                             f"(first: {_first_reject(rejected)}); point SRC at an image dataset")
+        done = _completed_shards(storage, plans, fingerprint)
+        if config.overwrite:
+            _remove_stale(storage, plans, keep=set(done))
+        todo = [p for p in plans if p.name not in done]
+        if done:
+            log.warning("resuming: %d of %d shards already complete at %s", len(done), len(plans), storage.url)
+
+        # Pass 2: write the shards that are missing.
+        results = dict(done)
+        tasks = [{"plan": p, "src_root": str(dataset.root), "storage": storage, "options": options,
+                  "fingerprint": fingerprint, "staging_dir": staging} for p in todo]
+        bar = Progress("sharding", sum(len(p.samples) for p in todo), progress_on)
+        for i, result in executor.run(write_shard, tasks, bar):
+            results[result.name] = result
+        seconds = bar.elapsed
+        bar.close()
+    finally:
+        executor.close()
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    splits = {}
+    for split in sorted(accepted):
+        shards = [results[p.name].to_json() for p in plans if p.split == split]
+        late_rejects = [r for s in shards for r in s["rejects"]]
+        splits[split] = {"shards": shards, "rejected": rejected[split] + late_rejects}
+    manifest = build_manifest(fingerprint, config.output_options(), dataset.class_table(), splits)
+    storage.write_bytes(MANIFEST_NAME, dumps(manifest))
+    for o in storage.list(PROGRESS_DIR + "/"):
+        storage.delete(o.name)
+    summary = ShardSummary(storage.url, manifest, len(todo), len(done), seconds)
+    late = sum(len(s["rejects"]) for p in splits.values() for s in p["shards"])
+    if late:
+        _check_reject_fraction({s: p["rejected"] for s, p in splits.items()}, n_inputs, config.max_reject_fraction)
+    return summary
+
+
+def _first_reject(rejected: dict[str, list[dict]]) -> str:
+    for items in rejected.values():
+        if items:
+            return f"{items[0]['path']}: {items[0]['reason']}"
+    return "none"
+
+
+def _check_reject_fraction(rejected: dict[str, list[dict]], n_inputs: int, limit: float) -> None:
+    count = sum(len(r) for r in rejected.values())
+    if n_inputs and count / n_inputs > limit:
+        raise ShardError(
+            f"{count} of {n_inputs} inputs rejected ({count / n_inputs:.2%} > --max-reject-fraction {limit:g}); "
+            f"first: {_first_reject(rejected)}. Fix or remove those files, or raise --max-reject-fraction",
+            EXIT_FAILED,
+        )
+

@@ -1,0 +1,1 @@
+"""Submit, follow and control alexray jobs; home of the ``alexray`` command."""

@@ -1,0 +1,35 @@
+"""The ``alexray`` command: one entry point, one subcommand per stage of the product.
+
+Subcommands import their stage lazily so that, for example, submitting a job never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: alexray COMMAND [ARGS]
+
+commands:
+  shard SRC DEST      shard an ImageFolder/ImageNet dataset into WebDataset tars (local dir or s3://)
+  shard verify DEST   re-read a sharded dataset and check it against its manifest
+
+Run 'alexray COMMAND --help' for a command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "shard":
+        from data_prep.cli import main as shard_main
+
+        return shard_main(rest)
+    print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

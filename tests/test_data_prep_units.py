@@ -1,0 +1,91 @@
+"""Pure functions of data_prep: planning, keys, sizes, options, error wording."""
+
+from collections import Counter
+
+import pytest
+
+from data_prep.images import KEEP, RESIZE, ImageOptions, Probe, resized_size
+from data_prep.shards import PlannedSample, estimate_bytes, plan_split, samples_per_shard
+from data_prep.sources import SourceFile, assign_keys
+from data_prep.storage import describe_s3_error, is_transient, split_s3_url
+
+
+def _samples(n, classes=4, size=50_000):
+    return [PlannedSample(f"k{i}", f"train/c{i % classes}/{i:05d}.jpg", i % classes, f"c{i % classes}",
+                          KEEP, 500, 375, size) for i in range(n)]
+
+
+def test_plan_is_deterministic_equal_sized_and_mixes_classes():
+    samples = _samples(1050)
+    plans = plan_split("train", samples, seed=7, shard_size=100)
+    again = plan_split("train", list(reversed(samples)), seed=7, shard_size=100)
+    assert [p.samples for p in plans] == [p.samples for p in again]
+    assert [len(p.samples) for p in plans] == [100] * 10 + [50]
+    assert [p.name for p in plans][:2] == ["train-000000.tar", "train-000001.tar"]
+    # every sample exactly once
+    assert Counter(s.key for p in plans for s in p.samples) == Counter(s.key for s in samples)
+    # no shard is a single class: the shuffle spreads classes over shards
+    assert all(len({s.class_index for s in p.samples}) == 4 for p in plans)
+    other = plan_split("train", samples, seed=8, shard_size=100)
+    assert [p.samples for p in plans] != [p.samples for p in other]
+
+
+def test_max_shard_bytes_lowers_samples_per_shard():
+    samples = _samples(100, size=100_000)
+    assert samples_per_shard(samples, 1000, None) == 1000
+    n = samples_per_shard(samples, 1000, 1_000_000)
+    assert 5 <= n <= 10
+    assert n * (100_000 + 2304) <= 1_000_000
+    assert samples_per_shard(samples, 1000, 1024) == 1
+
+
+def test_keys_are_unique_dotless_and_stable():
+    files = [SourceFile("train/a/x.1.JPEG", 0, 1), SourceFile("train/b/x.1.JPEG", 1, 1),
+             SourceFile("train/c/x.1.png", 2, 1), SourceFile("train/a/we ird+name.jpg", 0, 1)]
+    keyed = assign_keys(files)
+    keys = [f.key for f in keyed]
+    assert len(set(keys)) == 4
+    assert all("." not in k and " " not in k for k in keys)
+    assert keys == [f.key for f in assign_keys(list(reversed(files)))]
+
+
+def test_resized_size_never_enlarges():
+    assert resized_size(500, 375, 256) == (341, 256)
+    assert resized_size(375, 500, 256) == (256, 341)
+    assert resized_size(200, 100, 256) == (200, 100)
+    assert resized_size(500, 375, None) == (500, 375)
+
+
+def test_estimate_bytes_scales_with_pixels():
+    options = ImageOptions(resize_short_side=256)
+    assert estimate_bytes(80_000, Probe(KEEP, width=500, height=375), options) == 80_000
+    est = estimate_bytes(80_000, Probe(RESIZE, width=1000, height=750), options)
+    assert 80_000 * 0.1 < est < 80_000 * 0.2
+
+
+@pytest.mark.parametrize("kwargs, field", [({"quality": 0}, "quality"), ({"check": "full"}, "check"),
+                                           ({"resize_short_side": 2}, "resize_short_side"),
+                                           ({"max_pixels": 0}, "max_pixels")])
+def test_image_options_name_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ImageOptions(**kwargs)
+
+
+def test_s3_urls():
+    assert split_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert split_s3_url("s3://bucket") == ("bucket", "")
+
+
+def test_s3_errors_name_the_problem_and_the_fix():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": "x"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert "does not exist" in str(describe_s3_error(client_error("NoSuchBucket", 404), "s3://b/p"))
+    assert "refused the credentials" in str(describe_s3_error(client_error("InvalidAccessKeyId", 403), "s3://b/p"))
+    assert "AWS_ENDPOINT_URL" in str(describe_s3_error(EndpointConnectionError(endpoint_url="http://x"), "s3://b/p"))
+    assert is_transient(client_error("SlowDown", 503))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert not is_transient(client_error("AccessDenied", 403))

@@ -1,0 +1,1 @@
+"""Training workers run by Ray Train: data loading, the models, the training loop."""
