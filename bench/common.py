@@ -29,7 +29,7 @@ def bench_dataset(name: str = "imagenet-like", classes: int = 10, per_class: int
     """An ImageNet-layout dataset of 500x375 JPEGs derived from real photographs; built once."""
     from tests.support.datasets import make_imagenet_layout
 
-    root = WORK / name
+    root = WORK / f"{name}-{classes}x{per_class}"
     if not (root / ".complete").exists():
         make_imagenet_layout(root, classes=classes, train_per_class=per_class, val_per_class=0,
                              size=(500, 375), seed=1)

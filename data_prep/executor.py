@@ -16,12 +16,15 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from .storage import apply_storage_env, storage_env
+
 _counters = None  # (images, bytes) shared with the parent, set in each pool process
 
 
-def _init_worker(images, nbytes) -> None:
+def _init_worker(images, nbytes, env: dict) -> None:
     global _counters
     _counters = (images, nbytes)
+    apply_storage_env(env)
     # Ctrl-C goes to the parent, which stops the pool; workers must not die half-way on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -95,7 +98,7 @@ class ProcessExecutor(Executor):
         self.images = ctx.Value("q", 0)
         self.nbytes = ctx.Value("q", 0)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.images, self.nbytes))
+                                        initargs=(self.images, self.nbytes, storage_env()))
 
     def run(self, fn, tasks, progress):
         with self.images.get_lock():

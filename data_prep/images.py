@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -110,7 +109,7 @@ def _displayed_size(image: Image.Image, orientation: int) -> tuple[int, int]:
     return image.width, image.height
 
 
-def _read_for_probe(path: Path) -> tuple[bytes, bytes, int]:
+def _read_for_probe(path: str) -> tuple[bytes, bytes, int]:
     """The file's head (enough for headers) and its last bytes, without reading it all."""
     with open(path, "rb") as f:
         head = f.read(_HEAD_BYTES)
@@ -121,9 +120,13 @@ def _read_for_probe(path: Path) -> tuple[bytes, bytes, int]:
         return head, f.read(16), size
 
 
-def probe_image(path: str | Path, options: ImageOptions) -> Probe:
+def _read_all(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def probe_image(path: str, options: ImageOptions) -> Probe:
     """Decide what to do with the file at ``path``; never raises for a bad image, only rejects it."""
-    path = Path(path)
     try:
         head, tail, size = _read_for_probe(path)
     except IsADirectoryError:
@@ -139,7 +142,7 @@ def probe_image(path: str | Path, options: ImageOptions) -> Probe:
         except RejectedImage:
             if size <= len(head):
                 raise
-            data = path.read_bytes()  # headers larger than the head we read (huge EXIF/ICC blocks)
+            data = _read_all(path)  # headers larger than the head we read (huge EXIF/ICC blocks)
             image = open_image(data, options.max_pixels)
         orientation = _orientation(image)
         width, height = _displayed_size(image, orientation)
@@ -147,7 +150,7 @@ def probe_image(path: str | Path, options: ImageOptions) -> Probe:
                       and tail.rstrip(b"\x00").endswith(_EOI))
         if not clean_jpeg or options.check == "decode":
             if len(data) < size:
-                data = path.read_bytes()
+                data = _read_all(path)
             image = open_image(data, options.max_pixels)
             decode_image(image)
     except RejectedImage as e:
@@ -196,8 +199,10 @@ def prepare_image(data: bytes, probe: Probe, options: ImageOptions) -> tuple[byt
         # draft() works in stored orientation and keeps the result at least as large as asked.
         stored = target if (image.width, image.height) == (probe.width, probe.height) else target[::-1]
         image.draft("RGB", stored)
+    orientation = _orientation(image)
     decode_image(image)
-    image = ImageOps.exif_transpose(image)
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)  # copies the image: only when there is something to undo
     image = _to_rgb(image)
     if image.size != target:
         image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)

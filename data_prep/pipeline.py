@@ -14,18 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EXIT_FAILED, ShardError
-from .executor import Progress, default_workers, make_executor
+from .executor import Progress, RayExecutor, default_workers, make_executor
 from .images import REJECT, ImageOptions, probe_image
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
-from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, plan_split, planned_sample, progress_name,
-                     write_shard)
+from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, build_shard, plan_split, planned_sample,
+                     publish_shard, write_shard)
 from .sources import SourceDataset, scan_source
 from .storage import Storage, open_storage
 
@@ -98,7 +100,7 @@ def probe_chunk(src_root: str, relpaths: list[str], options: ImageOptions, on_sa
     """Probe a list of files; a task for the executor."""
     probes = []
     for rel in relpaths:
-        probes.append(probe_image(Path(src_root, rel), options))
+        probes.append(probe_image(os.path.join(src_root, rel), options))
         if on_sample is not None:
             on_sample(0)
     return probes
@@ -222,13 +224,23 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig) -> ShardSumma
         if done:
             log.warning("resuming: %d of %d shards already complete at %s", len(done), len(plans), storage.url)
 
-        # Pass 2: write the shards that are missing.
+        # Pass 2: write the shards that are missing. Local workers only build them; this process
+        # publishes (uploads) them on I/O threads, so no worker sits idle waiting for the network.
         results = dict(done)
         tasks = [{"plan": p, "src_root": str(dataset.root), "storage": storage, "options": options,
                   "fingerprint": fingerprint, "staging_dir": staging} for p in todo]
         bar = Progress("sharding", sum(len(p.samples) for p in todo), progress_on)
-        for i, result in executor.run(write_shard, tasks, bar):
-            results[result.name] = result
+        if isinstance(executor, RayExecutor):
+            for _, result in executor.run(write_shard, tasks, bar):
+                results[result.name] = result
+        else:
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as uploads:
+                published = []
+                for _, (result, path) in executor.run(build_shard, tasks, bar):
+                    published.append(uploads.submit(publish_shard, storage, result, path))
+                    results[result.name] = result
+                for future in published:
+                    future.result()
         seconds = bar.elapsed
         bar.close()
     finally:

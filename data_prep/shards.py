@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,23 +133,81 @@ class _HashingWriter(io.RawIOBase):
         return self.count
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed metadata: the same inputs give byte-identical shards
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar's default record size: archives are padded to a multiple of it
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header with fixed metadata (mtime 0, root, read-only): the same inputs give
+    byte-identical shards. Written by hand: tarfile's generic header code costs more than copying
+    a typical JPEG."""
+    encoded = name.encode("utf-8")
+    prefix = b""
+    if len(encoded) > 100:  # ustar splits long paths at a slash into prefix (155) + name (100)
+        cut = encoded.rfind(b"/", 0, 156)
+        if cut <= 0 or len(encoded) - cut - 1 > 100:
+            raise ValueError(f"tar member name too long for ustar: {name!r}")
+        prefix, encoded = encoded[:cut], encoded[cut + 1:]
+    header = bytearray(_BLOCK)
+    header[0:len(encoded)] = encoded
+    header[100:108] = b"0000444\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+class TarShardWriter:
+    """Append regular files to a tar stream; ``close`` writes the end-of-archive blocks."""
+
+    def __init__(self, sink):
+        self.sink, self.offset = sink, 0
+
+    def add(self, name: str, data: bytes) -> None:
+        padding = -len(data) % _BLOCK
+        self.sink.write(_tar_header(name, len(data)))
+        self.sink.write(data)
+        if padding:
+            self.sink.write(b"\0" * padding)
+        self.offset += _BLOCK + len(data) + padding
+
+    def close(self) -> None:
+        end = self.offset + 2 * _BLOCK
+        self.sink.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
 
 
 def write_shard(plan: ShardPlan, src_root: str, storage: Storage, options: ImageOptions, fingerprint: str,
                 staging_dir: str | None = None, on_sample: Callable[[int], None] | None = None) -> ShardResult:
-    """Write one shard, publish it atomically, then record it in ``_progress/``.
+    """Build one shard and publish it: one task of a Ray cluster, where nothing else can upload it."""
+    result, path = build_shard(plan, src_root, storage, options, fingerprint, staging_dir, on_sample)
+    publish_shard(storage, result, path)
+    return result
+
+
+def publish_shard(storage: Storage, result: ShardResult, path: Path) -> None:
+    """Move a built shard to its final name atomically, then record it in ``_progress/``."""
+    try:
+        storage.put_file(result.name, path)
+        # The record is written after the shard is in place: a record always means a finished shard.
+        storage.write_bytes(progress_name(result.name), json.dumps(result.to_json(), sort_keys=True).encode())
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: ImageOptions, fingerprint: str,
+                staging_dir: str | None = None,
+                on_sample: Callable[[int], None] | None = None) -> tuple[ShardResult, Path]:
+    """Write one shard to a temporary file; returns what it holds and where the file is.
 
     ``on_sample(nbytes)`` is called after each sample, for progress reporting. A sample whose
     bytes fail to decode (only possible for files accepted on their structure) is left out and
-    listed in the result's rejects. The shard is built in ``staging_dir`` (default: beside its
+    listed in the result's rejects. The file is built in ``staging_dir`` (default: beside its
     final place when the storage is local, else the system temp directory).
     """
     staging = storage.staging_dir() or staging_dir
@@ -159,37 +216,36 @@ def write_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
     rejects: list[dict] = []
     written = 0
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as raw:
             sink = _HashingWriter(raw)
-            with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for sample in plan.samples:
-                    nbytes = 0
-                    try:
-                        data = Path(src_root, sample.relpath).read_bytes()
-                        nbytes = len(data)
-                        jpeg, width, height = prepare_image(data, sample.probe(), options)
-                    except (RejectedImage, OSError) as e:
-                        reason = str(e) if isinstance(e, RejectedImage) else f"unreadable: {e.strerror or e}"
-                        rejects.append(Reject(sample.relpath, reason).to_json())
-                    else:
-                        meta = {"class_id": sample.class_id, "class_index": sample.class_index,
-                                "source": sample.relpath, "width": width, "height": height}
-                        _add_member(tar, f"{sample.key}.jpg", jpeg)
-                        _add_member(tar, f"{sample.key}.cls", str(sample.class_index).encode())
-                        _add_member(tar, f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
-                        written += 1
-                    if on_sample is not None:
-                        on_sample(nbytes)
+            tar = TarShardWriter(sink)
+            for sample in plan.samples:
+                nbytes = 0
+                try:
+                    with open(os.path.join(src_root, sample.relpath), "rb") as f:
+                        data = f.read()
+                    nbytes = len(data)
+                    jpeg, width, height = prepare_image(data, sample.probe(), options)
+                except (RejectedImage, OSError) as e:
+                    reason = str(e) if isinstance(e, RejectedImage) else f"unreadable: {e.strerror or e}"
+                    rejects.append(Reject(sample.relpath, reason).to_json())
+                else:
+                    meta = {"class_id": sample.class_id, "class_index": sample.class_index,
+                            "source": sample.relpath, "width": width, "height": height}
+                    tar.add(f"{sample.key}.jpg", jpeg)
+                    tar.add(f"{sample.key}.cls", str(sample.class_index).encode())
+                    tar.add(f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    written += 1
+                if on_sample is not None:
+                    on_sample(nbytes)
+            tar.close()
             raw.flush()
             os.fsync(raw.fileno())
-        result = ShardResult(plan.name, plan.split, plan.index, written, sink.count,
-                             sink.digest.hexdigest(), fingerprint, rejects)
-        storage.put_file(plan.name, tmp)
-        # The record is written after the shard is in place: a record always means a finished shard.
-        storage.write_bytes(progress_name(plan.name), json.dumps(result.to_json(), sort_keys=True).encode())
-        return result
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return ShardResult(plan.name, plan.split, plan.index, written, sink.count, sink.digest.hexdigest(),
+                       fingerprint, rejects), tmp
 
 
 def planned_sample(key: str, relpath: str, class_index: int, class_id: str, size: int, probe: Probe,

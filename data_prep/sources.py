@@ -131,7 +131,8 @@ def assign_keys(files: list[SourceFile]) -> list[SourceFile]:
     seen: dict[str, int] = {}
     keyed = []
     for f in sorted(files, key=lambda f: f.relpath):
-        stem = _KEY_UNSAFE.sub("_", Path(f.relpath).name.split(".")[0]) or "sample"
+        # at most 80 characters, so "{key}.json" fits a plain ustar member name
+        stem = _KEY_UNSAFE.sub("_", Path(f.relpath).name.split(".")[0])[:80] or "sample"
         key = stem
         while key in seen:
             seen[stem] += 1

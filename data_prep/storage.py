@@ -214,6 +214,25 @@ class LocalStorage(Storage):
         super().check_writable()
 
 
+_ENV_PREFIXES = ("AWS_", "ALEXRAY_")
+
+
+def storage_env() -> dict[str, str]:
+    """The environment variables that decide how storage is reached (credentials, endpoint, retries)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
+def apply_storage_env(env: dict[str, str]) -> None:
+    """Make this process's storage settings exactly ``env``.
+
+    Worker processes forked from a forkserver inherit the environment of the moment the server
+    started, not of the moment the work was handed out; they call this with the parent's settings.
+    """
+    for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
+        del os.environ[key]
+    os.environ.update(env)
+
+
 def make_s3_client(max_attempts: int | None = None):
     """A boto3 S3 client on the standard credential chain; ``AWS_ENDPOINT_URL`` is honoured by boto3."""
     import boto3

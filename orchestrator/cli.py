@@ -12,6 +12,7 @@ USAGE = """usage: alexray COMMAND [ARGS]
 commands:
   shard SRC DEST      shard an ImageFolder/ImageNet dataset into WebDataset tars (local dir or s3://)
   shard verify DEST   re-read a sharded dataset and check it against its manifest
+  train SPEC.yaml     train on a Ray cluster (a local one when none is given), wait for the end
 
 Run 'alexray COMMAND --help' for a command's options.
 """
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.cli import main as shard_main
 
         return shard_main(rest)
+    if command == "train":
+        from workers.cli import main as train_main
+
+        return train_main(rest)
     print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -1,0 +1,313 @@
+"""The job spec: nested dataclasses, read from YAML, overridden by ``--set section.field=value``.
+
+Precedence, lowest first: the defaults below, the YAML file, then each ``--set`` in order.
+Unknown keys and bad values are refused with the dotted path of the field. This module imports
+no torch, so the orchestrator can validate a spec on a laptop without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A spec problem; the message starts with the dotted path of the bad field."""
+
+
+@dataclass
+class RunSpec:
+    name: str | None = None  # run name; the run directory is {storage}/{name}. None: generated, unique
+    storage: str = "./runs"  # where runs live: a local directory or s3://bucket/prefix (shared by all nodes)
+
+
+@dataclass
+class DataSpec:
+    path: str = ""  # a directory written by 'alexray shard' (local or s3://)
+    train_split: str = "train"  # split to train on
+    val_split: str | None = "val"  # split to evaluate on every epoch; None: no evaluation
+    streams: int = 8  # fixed partitions of each epoch; must divide the global batch (world-size independent)
+    shuffle_block: int = 1000  # samples shuffled together within a stream (memory: this many raw JPEGs)
+    num_workers: int = 2  # DataLoader processes per training worker
+    image_size: int = 224  # side of the square crops fed to the model
+    eval_resize: int = 256  # short side before the centre crop at evaluation
+    lighting_std: float = 0.1  # the paper's PCA colour augmentation (alpha std); 0 turns it off
+    ten_crop: bool = False  # evaluate on 10 crops (corners, centre and flips), as in the paper
+
+
+@dataclass
+class ModelSpec:
+    name: str = "alexnet"  # alexnet (2012 paper), alexnet_tv (torchvision's) or a torchvision classifier
+    width: float = 1.0  # channel multiplier for the AlexNets (0.25 for CPU tests and the demo)
+    groups: bool = True  # the paper's 2-group convolutions in conv2/4/5 (alexnet only)
+    dropout: float = 0.5  # dropout before FC6 and FC7 (alexnet, alexnet_tv)
+    init: str = "paper"  # alexnet weight init: paper (N(0, 0.01), biases 1) or kaiming
+    num_classes: int | None = None  # None: the number of classes in the dataset's manifest
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 90  # passes over the training split
+    global_batch_size: int = 128  # samples per step over all workers; per-worker batch = this / workers
+    lr: float = 0.01  # base learning rate
+    lr_scaling: str = "none"  # none, or linear: lr * global_batch_size / base_batch_size
+    base_batch_size: int = 128  # the batch size lr is given for, with lr_scaling: linear
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty on the weights
+    schedule: str = "step"  # step (/10 every step_epochs), plateau (/10 when val top-1 stalls), cosine
+    step_epochs: int = 30  # step schedule: epochs between divisions by 10
+    plateau_patience: int = 2  # plateau schedule: epochs without improvement before dividing
+    warmup_epochs: float = 0.0  # linear warm-up from lr/10 (cosine and step)
+    seed: int = 0  # seed of the data order, augmentation and initialisation
+    deterministic: bool = False  # deterministic kernels: bitwise-reproducible runs on CPU
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    channels_last: str = "auto"  # auto (on GPU), on or off
+    compile: bool = False  # torch.compile the model
+    grad_compression: str = "none"  # none or bf16: DDP gradient all-reduce in bfloat16
+    max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
+    log_every: int = 10  # report metrics every this many steps
+
+
+@dataclass
+class CheckpointSpec:
+    every_steps: int = 500  # also checkpoint every this many steps (0: only at epoch ends)
+    keep: int = 3  # checkpoints kept by Ray (the newest); the best model is kept apart
+    async_upload: bool = True  # upload while training goes on
+
+
+@dataclass
+class ScalingSpec:
+    num_workers: int | list[int] = 2  # training workers, or [min, max] for an elastic run
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (its DataLoader processes run beside it)
+
+
+@dataclass
+class FailureSpec:
+    max_failures: int = 3  # worker-group restarts before the run fails
+
+
+@dataclass
+class DebugSpec:
+    sample_log: bool = False  # record the sample keys every rank trains on, per step (exactly-once checks)
+    step_delay: float = 0.0  # seconds slept after each step (tests that kill a run mid-epoch)
+    checkpoint_delay: float = 0.0  # seconds slept before a checkpoint is marked complete (crash tests)
+
+
+@dataclass
+class JobSpec:
+    run: RunSpec = field(default_factory=RunSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    failure: FailureSpec = field(default_factory=FailureSpec)
+    debug: DebugSpec = field(default_factory=DebugSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def worker_range(self) -> tuple[int, int]:
+        n = self.scaling.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+_CHOICES = {
+    "train.lr_scaling": ("none", "linear"),
+    "train.schedule": ("step", "plateau", "cosine"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.channels_last": ("auto", "on", "off"),
+    "train.grad_compression": ("none", "bf16"),
+    "model.init": ("paper", "kaiming"),
+}
+_SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted for floats."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is not None and type(None) in args:  # X | None
+        if value is None:
+            return None
+        others = [a for a in args if a is not type(None)]
+        annotation = others[0] if len(others) == 1 else others
+        if isinstance(annotation, list):
+            for candidate in annotation:
+                try:
+                    return _coerce(path, value, candidate)
+                except SpecError:
+                    continue
+            raise SpecError(f"{path}: {value!r} is not a valid value")
+        return _coerce(path, value, annotation)
+    if origin is not None and len(args) and any(get_origin(a) is list for a in args):  # int | list[int]
+        for candidate in args:
+            try:
+                return _coerce(path, value, candidate)
+            except SpecError:
+                continue
+        raise SpecError(f"{path}: expected an integer or a [min, max] list, got {value!r}")
+    if get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, get_args(annotation)[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled annotation {annotation} at {path}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"{prefix or 'spec'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise SpecError(f"{where}: unknown key; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, path)
+        else:
+            kwargs[name] = _coerce(path, value, annotation)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` strings (values parsed as YAML) on top of ``data``."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected section.field=value")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"{key}: {part} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def _check_secrets(data: Any, path: str = "") -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if _SECRET_KEY.search(str(key)):
+                raise SpecError(f"{sub}: specs must not carry secrets (Ray shows job specs in plain text); "
+                                "give the nodes credentials through their own AWS credential chain")
+            _check_secrets(value, sub)
+    elif isinstance(data, str) and re.search(r"://[^/\s:@]+:[^/\s@]+@", data):
+        raise SpecError(f"{path}: a URL with an embedded password; remove it and use the nodes' credentials")
+
+
+def validate(spec: JobSpec) -> JobSpec:
+    """Refuse impossible values, naming the field."""
+    for path, allowed in _CHOICES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(spec, section), name)
+        if value not in allowed:
+            raise SpecError(f"{path}: {value!r} is not one of {', '.join(allowed)}")
+    t, d, s = spec.train, spec.data, spec.scaling
+    positive = {"train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size,
+                "train.base_batch_size": t.base_batch_size, "train.step_epochs": t.step_epochs,
+                "train.log_every": t.log_every, "data.streams": d.streams, "data.shuffle_block": d.shuffle_block,
+                "data.image_size": d.image_size, "data.eval_resize": d.eval_resize, "checkpoint.keep": spec.checkpoint.keep}
+    for path, value in positive.items():
+        if value < 1:
+            raise SpecError(f"{path}: must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise SpecError(f"train.lr: must be positive, got {t.lr}")
+    if not 0 <= t.momentum < 1:
+        raise SpecError(f"train.momentum: must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        raise SpecError(f"train.weight_decay: must not be negative, got {t.weight_decay}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise SpecError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if d.num_workers < 0:
+        raise SpecError(f"data.num_workers: must not be negative, got {d.num_workers}")
+    if not 0 <= d.lighting_std <= 1:
+        raise SpecError(f"data.lighting_std: must be in [0, 1], got {d.lighting_std}")
+    if d.eval_resize < d.image_size:
+        raise SpecError(f"data.eval_resize: {d.eval_resize} is smaller than data.image_size {d.image_size}")
+    if not d.path:
+        raise SpecError("data.path: required; point it at a directory written by 'alexray shard'")
+    if spec.checkpoint.every_steps < 0:
+        raise SpecError(f"checkpoint.every_steps: must not be negative, got {spec.checkpoint.every_steps}")
+    if spec.failure.max_failures < -1:
+        raise SpecError(f"failure.max_failures: must be -1 (unlimited) or more, got {spec.failure.max_failures}")
+    if not 0 < spec.model.width <= 4:
+        raise SpecError(f"model.width: must be in (0, 4], got {spec.model.width}")
+    if not 0 <= spec.model.dropout < 1:
+        raise SpecError(f"model.dropout: must be in [0, 1), got {spec.model.dropout}")
+    if spec.model.num_classes is not None and spec.model.num_classes < 2:
+        raise SpecError(f"model.num_classes: must be at least 2, got {spec.model.num_classes}")
+    if isinstance(s.num_workers, list):
+        if len(s.num_workers) != 2 or not 1 <= s.num_workers[0] <= s.num_workers[1]:
+            raise SpecError(f"scaling.num_workers: a range must be [min, max] with 1 <= min <= max, got {s.num_workers}")
+    elif s.num_workers < 1:
+        raise SpecError(f"scaling.num_workers: must be at least 1, got {s.num_workers}")
+    if s.cpus_per_worker <= 0:
+        raise SpecError(f"scaling.cpus_per_worker: must be positive, got {s.cpus_per_worker}")
+    if t.global_batch_size % d.streams:
+        raise SpecError(f"data.streams: {d.streams} must divide train.global_batch_size {t.global_batch_size}")
+    lo, hi = spec.worker_range()
+    for workers in {lo, hi}:
+        if t.global_batch_size % workers:
+            raise SpecError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                            f"{workers} workers (scaling.num_workers); pick a multiple")
+    if spec.run.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", spec.run.name):
+        raise SpecError(f"run.name: {spec.run.name!r} must be letters, digits, '_', '.', '-' (at most 128)")
+    return spec
+
+
+def load_spec(source: str | Path | dict | None, overrides: list[str] | None = None) -> JobSpec:
+    """Read a spec (a YAML path, a mapping or None for defaults), apply overrides, validate it."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise SpecError(f"spec: {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpecError("spec: the top level must be a mapping of sections (run, data, model, train, ...)")
+    data = apply_overrides(data, overrides or [])
+    _check_secrets(data)
+    return validate(_build(JobSpec, data, ""))
+
+
+def spec_from_dict(data: dict) -> JobSpec:
+    """Rebuild a validated spec from ``JobSpec.to_dict()`` (as shipped to workers)."""
+    return validate(_build(JobSpec, data, ""))

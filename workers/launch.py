@@ -1,0 +1,112 @@
+"""Start a training run with Ray Train's TorchTrainer: the driver side of ``alexray train``.
+
+Ray resumes a run from ``{storage_path}/{name}/checkpoint_manager_snapshot.json`` when a trainer
+is built with the same name and storage: so run names are generated unique (a new run never
+picks up an old run's checkpoints), and reusing a name on purpose resumes that run, provided the
+spec still describes the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from urllib.parse import urlparse
+
+from .config import JobSpec
+from .runstore import RunStore
+
+log = logging.getLogger("alexray.launch")
+
+
+def new_run_name(spec: JobSpec) -> str:
+    return f"{spec.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def run_dir_of(spec: JobSpec) -> str:
+    storage = spec.run.storage.rstrip("/")
+    if not storage.startswith("s3://"):
+        storage = os.path.abspath(os.path.expanduser(storage))
+    return f"{storage}/{spec.run.name}"
+
+
+def ray_storage(storage: str):
+    """(storage_path, storage_filesystem) for Ray's RunConfig, honouring AWS_ENDPOINT_URL for s3://."""
+    if not storage.startswith("s3://"):
+        return os.path.abspath(os.path.expanduser(storage)), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    return storage[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def check_dataset(path: str) -> None:
+    """Fail before anything starts if the dataset's manifest cannot be read."""
+    from data_prep.storage import open_storage
+
+    storage = open_storage(path)
+    storage.check_reachable()
+    if not storage.exists("manifest.json"):
+        raise ValueError(f"data.path: no manifest.json in {path}; shard a dataset there with 'alexray shard SRC {path}'")
+
+
+def prepare_run(spec: JobSpec) -> str:
+    """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
+    from .train import identity
+
+    if not spec.data.path.startswith("s3://"):
+        spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
+    check_dataset(spec.data.path)
+    if spec.run.name is None:
+        spec.run.name = new_run_name(spec)
+    run_dir = run_dir_of(spec)
+    store = RunStore(run_dir)
+    existing = store.read_json("spec.json")
+    if existing is not None:
+        from .config import spec_from_dict
+
+        if identity(spec_from_dict(existing)) != identity(spec):
+            raise ValueError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} "
+                             "with a different data path, batch, seed or model; pick a new run.name")
+    else:
+        store._write_json("spec.json", spec.to_dict())
+    return run_dir
+
+
+def launch(spec: JobSpec, address: str | None = None) -> dict:
+    """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .train import train_func
+
+    run_dir = prepare_run(spec)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="ERROR")
+        else:
+            ray.init(include_dashboard=False, logging_level="ERROR")
+    lo, hi = spec.worker_range()
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = 1
+    storage_path, filesystem = ray_storage(spec.run.storage)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"spec": spec.to_dict(), "run_dir": run_dir},
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+    )
+    log.warning("run %s: %s", spec.run.name, run_dir)
+    trainer.fit()
+    return RunStore(run_dir).read_json("summary.json") or {}

@@ -1,0 +1,397 @@
+"""The training loop, run by every Ray Train worker (or by one process without Ray).
+
+Reads top to bottom: set up, resume if a checkpoint exists, then for each epoch train on the
+rank's batches, checkpoint every N steps, evaluate, checkpoint. ``Session`` hides whether Ray is
+there: the loop is the same in a Ray Train worker and under ``python -m workers train``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import JobSpec, spec_from_dict
+from .data import eval_batches, load_manifest, split_info, train_batches
+from .models import build_model
+from .runstore import RunStore
+from .sampling import plan_epoch
+from .transforms import to_model_input
+
+log = logging.getLogger("alexray.train")
+
+
+# ---- sessions: Ray Train worker or a plain process ------------------------------------------------
+
+class Session:
+    rank = 0
+    world_size = 1
+    device = torch.device("cpu")
+
+    def latest_checkpoint(self):
+        """A context manager yielding a local checkpoint directory, or None."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, directory: str, name: str, metrics: dict, async_upload: bool) -> None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict) -> None:
+        raise NotImplementedError
+
+
+class RaySession(Session):
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self.train = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def latest_checkpoint(self):
+        checkpoint = self.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint else None
+
+    def save_checkpoint(self, directory, name, metrics, async_upload):
+        from ray.train import CheckpointUploadMode
+
+        mode = CheckpointUploadMode.ASYNC if async_upload else CheckpointUploadMode.SYNC
+        self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(directory),
+                          checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                          delete_local_checkpoint_after_upload=True)
+
+    def report(self, metrics):
+        self.train.report(metrics)
+
+
+class LocalSession(Session):
+    """One process, no Ray: checkpoints go to ``{run_dir}/checkpoints/{name}`` (local run dirs only)."""
+
+    def __init__(self, run_dir: str):
+        self.root = Path(run_dir) / "checkpoints"
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def latest_checkpoint(self):
+        from contextlib import nullcontext
+
+        for candidate in sorted(self.root.glob("checkpoint_*"), reverse=True):
+            try:
+                ckpt.check_complete(candidate)
+            except ckpt.CheckpointError as e:
+                log.warning("skipping %s", e)
+                continue
+            return nullcontext(str(candidate))
+        return None
+
+    def save_checkpoint(self, directory, name, metrics, async_upload):
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(directory, target)
+
+    def report(self, metrics):
+        pass
+
+
+# ---- pieces of the loop ---------------------------------------------------------------------------
+
+class LRSchedule:
+    """Learning rate per step: step (/10 every N epochs), cosine, or /10 on a val top-1 plateau."""
+
+    def __init__(self, spec: JobSpec, base_lr: float, steps_per_epoch: int):
+        self.t, self.base_lr, self.steps_per_epoch = spec.train, base_lr, max(1, steps_per_epoch)
+        self.factor, self.best, self.bad_epochs = 1.0, -1.0, 0
+
+    def lr(self, epoch: int, step_in_epoch: int) -> float:
+        t = self.t
+        position = epoch + step_in_epoch / self.steps_per_epoch
+        if t.schedule == "step":
+            lr = self.base_lr * 0.1 ** (epoch // t.step_epochs)
+        elif t.schedule == "cosine":
+            span = max(1e-9, t.epochs - t.warmup_epochs)
+            lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, position - t.warmup_epochs) / span)))
+        else:
+            lr = self.base_lr * self.factor
+        if t.warmup_epochs and position < t.warmup_epochs:
+            lr *= 0.1 + 0.9 * position / t.warmup_epochs
+        return lr
+
+    def end_epoch(self, top1: float | None) -> None:
+        if self.t.schedule != "plateau" or top1 is None:
+            return
+        if top1 > self.best + 1e-4:
+            self.best, self.bad_epochs = top1, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.t.plateau_patience and self.factor > 1e-3:  # the paper divided 3 times
+            self.factor, self.bad_epochs = self.factor / 10, 0
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor, self.best, self.bad_epochs = state["factor"], state["best"], state["bad_epochs"]
+
+
+def model_kwargs(spec: JobSpec) -> dict:
+    m = spec.model
+    if m.name == "alexnet":
+        return {"groups": m.groups, "dropout": m.dropout, "init": m.init}
+    if m.name == "alexnet_tv":
+        return {"dropout": m.dropout}
+    return {}
+
+
+def identity(spec: JobSpec) -> dict:
+    """Spec fields a resumed run must share with the run it continues."""
+    return {"data.path": spec.data.path.rstrip("/"), "data.streams": spec.data.streams,
+            "train.global_batch_size": spec.train.global_batch_size, "train.seed": spec.train.seed,
+            "model.name": spec.model.name, "model.width": spec.model.width}
+
+
+def _configure_determinism(spec: JobSpec) -> None:
+    if spec.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(model, spec: JobSpec, split, session: Session, use_bf16: bool, channels_last: bool) -> dict:
+    """Exact top-1/top-5 over the split: every sample counted once, on exactly one rank."""
+    model.eval()
+    correct1 = correct5 = total = skipped = 0
+    for batch in eval_batches(split, session.world_size, session.rank, spec.data.image_size, spec.data.eval_resize,
+                              batch_size=max(1, spec.train.global_batch_size // session.world_size),
+                              num_workers=spec.data.num_workers, ten_crop=spec.data.ten_crop):
+        skipped += batch["skipped"]
+        labels = batch["labels"].to(session.device)
+        if not len(labels):
+            continue
+        images = batch["images"].to(session.device, non_blocking=True)
+        crops = images.shape[1] if images.dim() == 5 else 1
+        flat = images.flatten(0, 1) if crops > 1 else images
+        x = to_model_input(flat, None, channels_last, torch.float32)
+        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x).float()
+        probs = logits.softmax(-1).view(len(labels), crops, -1).mean(1)  # 10-crop: average the predictions
+        top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(1).sum().item()
+        total += len(labels)
+    c1, c5, n, s = _all_reduce([correct1, correct5, total, skipped], session.device)
+    model.train()
+    return {"val_top1": c1 / n if n else 0.0, "val_top5": c5 / n if n else 0.0, "val_samples": int(n),
+            "val_skipped": int(s)}
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
+    t, d = spec.train, spec.data
+    _configure_determinism(spec)
+    rank, world = session.rank, session.world_size
+    store = RunStore(run_dir)
+    on_gpu = session.device.type == "cuda"
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and on_gpu)
+
+    manifest = load_manifest(d.path)
+    train_split = split_info(d.path, manifest, d.train_split)
+    val_split = split_info(d.path, manifest, d.val_split) if d.val_split else None
+    num_classes = spec.model.num_classes or train_split.num_classes
+    if num_classes != train_split.num_classes:
+        raise ValueError(f"model.num_classes: {num_classes} but the dataset has {train_split.num_classes} classes")
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = build_model(spec.model.name, num_classes, spec.model.width, **model_kwargs(spec))
+    model.to(session.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    base_lr = t.lr * (t.global_batch_size / t.base_batch_size if t.lr_scaling == "linear" else 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    steps_per_epoch = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, 0).steps
+    schedule = LRSchedule(spec, base_lr, steps_per_epoch)
+    state = ckpt.TrainState(identity=identity(spec), world_size=world,
+                            model={"name": spec.model.name, "num_classes": num_classes, "width": spec.model.width,
+                                   "kwargs": model_kwargs(spec), "classes": list(train_split.class_names),
+                                   "image_size": d.image_size, "eval_resize": d.eval_resize})
+
+    restored = session.latest_checkpoint()
+    if restored is not None:
+        with restored as directory:
+            state = ckpt.load_state(directory)
+            if state.identity != identity(spec):
+                raise ValueError(f"run.name: this run's checkpoint was made with {state.identity}, the spec says "
+                                 f"{identity(spec)}; use a new run.name for a different job")
+            model.load_state_dict(ckpt.load_tensors(directory, "model.pt", session.device))
+            optimizer.load_state_dict(ckpt.load_tensors(directory, "optimizer.pt", session.device))
+            schedule.load_state_dict(state.schedule)
+            rng = ckpt.load_rng(directory, rank)
+            if rng is not None and state.world_size == world:
+                ckpt.set_rng_state(rng)
+            else:
+                torch.manual_seed(t.seed * 1000 + rank + state.global_step)
+        state.world_size = world
+        if rank == 0:
+            log.warning("resumed from step %d (epoch %d, step %d of it)", state.global_step, state.epoch,
+                        state.step_in_epoch)
+    else:
+        torch.manual_seed(t.seed * 1000 + rank)  # dropout differs per rank, reproducibly
+    attempt = store.begin_attempt(rank, resumed_from=state.global_step if restored else None)
+
+    train_model = model
+    if world > 1:
+        train_model = DistributedDataParallel(model, device_ids=[session.device.index] if on_gpu else None)
+        if t.grad_compression == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    model.train()
+
+    def save_checkpoint(metrics: dict) -> None:
+        state.schedule = schedule.state_dict()
+        state.metrics = metrics
+        directory = tempfile.mkdtemp(prefix="alexray-ckpt-")
+        started = time.perf_counter()
+        ckpt.save(directory, rank, state, model.state_dict() if rank == 0 else None,
+                  optimizer.state_dict() if rank == 0 else None, spec.debug.checkpoint_delay)
+        name = f"checkpoint_e{state.epoch:04d}_s{state.global_step:09d}"
+        session.save_checkpoint(directory, name, {**metrics, "epoch": state.epoch, "global_step": state.global_step},
+                                spec.checkpoint.async_upload)
+        if rank == 0:
+            log.info("checkpoint %s in %.2f s", name, time.perf_counter() - started)
+
+    finished = False
+    for epoch in range(state.epoch, t.epochs):
+        plan = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
+        start_step = state.step_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.step_in_epoch = epoch, start_step
+        window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
+        sample_log: list[dict] = []
+        for batch in train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
+                                   d.shuffle_block, d.num_workers, d.lighting_std):
+            lr = schedule.lr(epoch, batch.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = batch.images.to(session.device, non_blocking=True)
+            labels = batch.labels.to(session.device, non_blocking=True)
+            x = to_model_input(images, batch.alphas if d.lighting_std > 0 else None, channels_last)
+            with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = F.cross_entropy(train_model(x), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
+            state.samples_seen += t.global_batch_size
+            window_images += len(labels)
+            loss_sum, loss_count, skipped = loss_sum + loss.item(), loss_count + 1, skipped + batch.skipped
+            if spec.debug.sample_log:
+                sample_log.append({"step": batch.step, "keys": batch.keys})
+            if spec.debug.step_delay:
+                time.sleep(spec.debug.step_delay)
+
+            at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
+            if state.global_step % t.log_every == 0 or at_end:
+                elapsed = time.perf_counter() - window_start
+                images_total, loss_total, loss_n = _all_reduce([window_images, loss_sum, loss_count], session.device)
+                metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
+                           "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
+                           "images_per_s": images_total / max(1e-9, elapsed), "attempt": attempt}
+                state.metrics = metrics
+                if rank == 0:
+                    store.write_progress(metrics)
+                window_start, window_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+            every = spec.checkpoint.every_steps
+            if every and state.global_step % every == 0 and not at_end:
+                store.flush_sample_log(rank, world, epoch, sample_log)
+                sample_log = []
+                save_checkpoint(state.metrics)
+            if state.global_step == t.max_steps:
+                finished = True
+                break
+        store.flush_sample_log(rank, world, epoch, sample_log)
+        epoch_done = state.step_in_epoch == plan.steps
+        metrics = dict(state.metrics)
+        if epoch_done and val_split is not None:
+            metrics.update(evaluate(model, spec, val_split, session, use_bf16, channels_last))
+            schedule.end_epoch(metrics["val_top1"])
+            if metrics["val_top1"] > state.best_top1:
+                state.best_top1 = metrics["val_top1"]
+                if rank == 0:
+                    store.write_best(model.state_dict(), state, metrics)
+        if epoch_done:
+            skipped_total, = _all_reduce([skipped], session.device)
+            metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
+                            "corrupt_skipped": int(skipped_total)})
+            state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5",
+                                                               "images_per_s", "epoch_samples_used",
+                                                               "epoch_samples_dropped", "corrupt_skipped")})
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            if rank == 0:
+                log.warning("epoch %d: loss %.4f, val top-1 %s, %d samples used, %d dropped", epoch,
+                            metrics.get("loss", float("nan")), metrics.get("val_top1"), plan.used, plan.dropped)
+        save_checkpoint(metrics)
+        if finished:
+            break
+
+    summary = None
+    if rank == 0:
+        weights = model.state_dict()
+        summary = store.write_summary(spec, state, weights, attempt)
+    return summary or {}
+
+
+def train_func(config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
+    spec = spec_from_dict(config["spec"])
+    train_loop(spec, config["run_dir"], RaySession())
+
+
+def run_local(spec: JobSpec, run_dir: str) -> dict:
+    """The same loop in this process, without Ray (debugging, GPU benchmarks on a machine without Ray)."""
+    return train_loop(spec, run_dir, LocalSession(run_dir))
+
+
+def weights_sha256(state_dict: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def summary_of(spec: JobSpec, state: ckpt.TrainState, weights: dict, attempt: int, wall_seconds: float) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {"run_name": spec.run.name, "epochs": state.epoch, "steps": state.global_step,
+            "samples": state.samples_seen, "top1": last.get("val_top1"), "top5": last.get("val_top5"),
+            "best_top1": state.best_top1 if state.best_top1 >= 0 else None,
+            "images_per_s": state.metrics.get("images_per_s"), "wall_seconds": wall_seconds,
+            "restarts": attempt, "final_weights_sha256": weights_sha256(weights), "history": state.history,
+            "model": state.model}
+
