@@ -123,3 +123,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     tail = server.log_tail(80)
     if tail:
         report.sections.append((f"SeaweedFS log, last 80 lines ({server.log_path})", tail))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_server):
+    """A real one-node Ray cluster on 127.0.0.1 for the whole session: ``(address, env)``.
+
+    HOME is isolated (Ray writes ~/.ray state and, for new clusters, an auth token there) and the
+    temp dir is short (Ray's socket paths have a length limit). The node gets the test S3 server's
+    credentials in its environment, as a cloud node gets them from its instance role: Ray's
+    controller and workers reach run storage with their own credential chain. Commands that should
+    reach the cluster get ``env``.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    home = tmp_path_factory.mktemp("ray-home")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, **s3_server.env(), "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_DEDUP_LOGS": "0"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+                    "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}", {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - Ray's errors carry pages of traceback; say it in one line
-        if type(e).__module__.startswith("ray") or type(e).__name__ in ("ShardError", "StorageError"):
+        if type(e).__module__.startswith("ray") or type(e).__name__ in ("ShardError", "StorageError", "CheckpointError"):
             print(f"{prog}: error: training failed: {_last_line(e)}", file=sys.stderr)
             return 1
         raise

@@ -35,6 +35,7 @@ class DataSpec:
     shuffle_block: int = 1000  # samples shuffled together within a stream (memory: this many raw JPEGs)
     num_workers: int = 2  # DataLoader processes per training worker
     image_size: int = 224  # side of the square crops fed to the model
+    min_crop_area: float = 0.08  # RandomResizedCrop's smallest crop, as a fraction of the image area
     eval_resize: int = 256  # short side before the centre crop at evaluation
     lighting_std: float = 0.1  # the paper's PCA colour augmentation (alpha std); 0 turns it off
     ten_crop: bool = False  # evaluate on 10 crops (corners, centre and flips), as in the paper
@@ -252,6 +253,8 @@ def validate(spec: JobSpec) -> JobSpec:
         raise SpecError(f"train.max_steps: must be at least 1, got {t.max_steps}")
     if d.num_workers < 0:
         raise SpecError(f"data.num_workers: must not be negative, got {d.num_workers}")
+    if not 0 < d.min_crop_area <= 1:
+        raise SpecError(f"data.min_crop_area: must be in (0, 1], got {d.min_crop_area}")
     if not 0 <= d.lighting_std <= 1:
         raise SpecError(f"data.lighting_std: must be in [0, 1], got {d.lighting_std}")
     if d.eval_resize < d.image_size:

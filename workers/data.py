@@ -142,10 +142,11 @@ class TrainStream(IterableDataset):
     """Chunks of decoded uint8 samples for one rank, from ``start_step`` to the epoch's end."""
 
     def __init__(self, split: SplitInfo, plan: EpochPlan, slices: list[RankSlice], start_step: int, seed: int,
-                 image_size: int, shuffle_block: int, lighting_std: float = 0.0):
+                 image_size: int, shuffle_block: int, lighting_std: float = 0.0, min_crop_area: float = 0.08):
         self.split, self.plan, self.slices = split, plan, slices
         self.start_step, self.seed = start_step, seed
         self.image_size, self.shuffle_block, self.lighting_std = image_size, shuffle_block, lighting_std
+        self.min_crop_area = min_crop_area
 
     def __iter__(self):
         info = get_worker_info()
@@ -166,7 +167,7 @@ class TrainStream(IterableDataset):
             try:
                 if sample is None or "jpg" not in sample or "cls" not in sample:
                     raise CorruptSample("missing")
-                image = train_image(sample["jpg"], self.image_size, rng)
+                image = train_image(sample["jpg"], self.image_size, rng, self.min_crop_area)
                 label = int(sample["cls"])
             except (CorruptSample, ValueError):
                 skipped += 1
@@ -215,10 +216,11 @@ def assemble_batches(chunks, slices: list[RankSlice], start_step: int, steps: in
 
 def train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: int, start_step: int, seed: int,
                   image_size: int, shuffle_block: int, num_workers: int, lighting_std: float = 0.0,
-                  prefetch: int = 2) -> Iterator[Batch]:
+                  min_crop_area: float = 0.08, prefetch: int = 2) -> Iterator[Batch]:
     """The rank's batches of one epoch from ``start_step``; same count on every rank."""
     slices = rank_slices(plan, world_size, rank)
-    dataset = TrainStream(split, plan, slices, start_step, seed, image_size, shuffle_block, lighting_std)
+    dataset = TrainStream(split, plan, slices, start_step, seed, image_size, shuffle_block, lighting_std,
+                          min_crop_area)
     workers = min(num_workers, len(slices))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         prefetch_factor=prefetch if workers else None, multiprocessing_context=_mp() if workers else None,

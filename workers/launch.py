@@ -47,11 +47,16 @@ def ray_storage(storage: str):
 
 def check_dataset(path: str) -> None:
     """Fail before anything starts if the dataset's manifest cannot be read."""
+    from data_prep.errors import StorageError
     from data_prep.storage import open_storage
 
     storage = open_storage(path)
-    storage.check_reachable()
-    if not storage.exists("manifest.json"):
+    try:
+        storage.check_reachable()
+        found = storage.exists("manifest.json")
+    except StorageError as e:
+        raise ValueError(f"data.path: {e}") from None
+    if not found:
         raise ValueError(f"data.path: no manifest.json in {path}; shard a dataset there with 'alexray shard SRC {path}'")
 
 

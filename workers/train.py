@@ -290,7 +290,7 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
         sample_log: list[dict] = []
         for batch in train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
-                                   d.shuffle_block, d.num_workers, d.lighting_std):
+                                   d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area):
             lr = schedule.lr(epoch, batch.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -94,10 +94,10 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return (x, y, x + w, y + h)
 
 
-def train_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+def train_image(data: bytes, size: int, rng: np.random.Generator, min_area: float = 0.08) -> np.ndarray:
     """Decode, RandomResizedCrop to ``size``, random horizontal flip: HWC uint8."""
     image = _open(data)
-    box = random_resized_crop_box(image.width, image.height, rng)
+    box = random_resized_crop_box(image.width, image.height, rng, scale=(min_area, 1.0))
     out = _decode_region(image, box, size, size)
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -1,0 +1,106 @@
+"""Training without Ray (`python -m workers train`): resume, checkpoints, spec and storage errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.shardtools import ROOT, error_line, run_alexray
+from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
+from workers import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return sharded_digits(tmp_path_factory.mktemp("digits"))
+
+
+def run_workers(*args, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "workers", "train", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_resuming_by_run_name_continues_mid_epoch_bitwise(digits, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"),
+                      train={"deterministic": True}, debug={"sample_log": True}, scaling={"num_workers": 1})
+    run_workers(spec, "--set", "run.name=straight")
+    straight = read_json(tmp_path / "runs" / "straight" / "summary.json")
+    assert straight["epochs"] == 2 and straight["steps"] == 2 * 18
+
+    run_workers(spec, "--set", "run.name=split", "--set", "train.max_steps=9")  # stops mid-epoch 0
+    first = read_json(tmp_path / "runs" / "split" / "summary.json")
+    assert first["steps"] == 9 and first["epochs"] == 0
+    run_workers(spec, "--set", "run.name=split")  # same name: resumes at step 9 of epoch 0
+    resumed = read_json(tmp_path / "runs" / "split" / "summary.json")
+    assert resumed["steps"] == straight["steps"] and resumed["restarts"] == 1
+    assert resumed["final_weights_sha256"] == straight["final_weights_sha256"]
+    for run in ("straight", "split"):
+        log = sample_log(tmp_path / "runs" / run)
+        for epoch in (0, 1):
+            assert len(log[epoch]) == 18 * 32 and max(log[epoch].values()) == 1
+    # a new run never picks up an old one's checkpoints
+    run_workers(spec, "--set", "train.max_steps=3")
+    fresh = [p for p in (tmp_path / "runs").iterdir() if p.name not in ("straight", "split")]
+    assert len(fresh) == 1 and read_json(fresh[0] / "summary.json")["steps"] == 3
+
+
+def test_spec_errors_are_one_line_with_the_field(digits, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"))
+    cases = {
+        ("--set", "train.lr=0"): "train.lr",
+        ("--set", "train.bogus=1"): "train.bogus: unknown key",
+        ("--set", "train.global_batch_size=30"): "data.streams",
+        ("--set", "scaling.num_workers=3"): "train.global_batch_size",
+        ("--set", "data.path=" + str(tmp_path / "nothing")): "data.path",
+        ("--set", "model.name=alexnetx"): "model.name",
+    }
+    for args, field in cases.items():
+        proc = run_alexray("train", spec, *args, "--no-ray")
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert field in error_line(proc), (args, proc.stderr)
+
+
+def test_wrong_s3_credentials_are_refused_before_training(tmp_path, s3_bucket, s3_env):
+    spec = write_spec(tmp_path / "spec.yaml", f"s3://{s3_bucket}/shards", str(tmp_path / "runs"))
+    proc = run_alexray("train", spec, env={**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}, timeout=120)
+    assert proc.returncode == 2
+    assert "refused the credentials" in error_line(proc)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_incomplete_damaged_and_foreign_checkpoints_are_refused(tmp_path):
+    good = tmp_path / "good"
+    ckpt.save(good, 0, ckpt.TrainState(), {"w": torch.ones(3)}, {"state": {}, "param_groups": []})
+    assert ckpt.load_state(good).global_step == 0
+    partial = tmp_path / "partial"
+    ckpt.save(partial, 0, ckpt.TrainState(), {"w": torch.ones(3)}, {"state": {}, "param_groups": []})
+    (partial / ckpt.COMPLETE).unlink()  # as if the writer died before the marker
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.load_state(partial)
+    damaged = tmp_path / "damaged"
+    ckpt.save(damaged, 0, ckpt.TrainState(), {"w": torch.ones(3)}, {"state": {}, "param_groups": []})
+    data = (damaged / "model.pt").read_bytes()
+    (damaged / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="differs"):
+        ckpt.load_state(damaged)
+    # a pickle that would run code is never executed
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (evil / "model.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ckpt.CheckpointError, match="not a loadable checkpoint"):
+        ckpt.load_tensors(evil, "model.pt")
+    assert not marker.exists()
