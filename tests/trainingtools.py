@@ -19,11 +19,11 @@ def sharded_digits(root: Path, train_per_class: int = 60, val_per_class: int = 1
     return dest
 
 
-def write_spec(path: Path, data: str, storage: str, **sections) -> Path:
+def write_spec(path: Path, dataset: str, storage: str, **sections) -> Path:
     """A small, fast spec for CPU tests; ``sections`` override fields, e.g. train={"epochs": 2}."""
     spec = {
         "run": {"storage": storage},
-        "data": {"path": data, "image_size": 64, "eval_resize": 64, "streams": 8, "shuffle_block": 64,
+        "data": {"path": dataset, "image_size": 64, "eval_resize": 64, "streams": 8, "shuffle_block": 64,
                  "num_workers": 1, "lighting_std": 0.0, "min_crop_area": 0.6},
         "model": {"name": "alexnet", "width": 0.25, "init": "kaiming", "dropout": 0.0},
         "train": {"epochs": 2, "global_batch_size": 32, "lr": 0.005, "schedule": "cosine", "log_every": 1},
