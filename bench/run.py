@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import shard_bench  # noqa: E402
+from bench import loader_bench, shard_bench, train_bench  # noqa: E402
 from bench.common import WORK  # noqa: E402
 
-SUITES = {"shard": shard_bench.run}
+SUITES = {"shard": shard_bench.run, "loader": loader_bench.run, "train": train_bench.run}
 
 
 def main(argv: list[str]) -> int:

@@ -104,3 +104,35 @@ def test_incomplete_damaged_and_foreign_checkpoints_are_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a loadable checkpoint"):
         ckpt.load_tensors(evil, "model.pt")
     assert not marker.exists()
+
+
+def _schedule(**train):
+    from workers.config import load_spec
+    from workers.train import LRSchedule
+
+    spec = load_spec({"data": {"path": "x"}, "train": {"epochs": 10, **train}})
+    return LRSchedule(spec, base_lr=0.1, steps_per_epoch=100)
+
+
+def test_step_cosine_and_warmup_schedules():
+    step = _schedule(schedule="step", step_epochs=3)
+    assert [round(step.lr(e, 0), 6) for e in (0, 2, 3, 6, 9)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
+    cosine = _schedule(schedule="cosine", warmup_epochs=1)
+    assert cosine.lr(0, 0) == pytest.approx(0.01)  # warm-up starts at lr/10
+    assert cosine.lr(0, 50) == pytest.approx(0.055)
+    assert cosine.lr(1, 0) == pytest.approx(0.1)
+    assert cosine.lr(5, 50) == pytest.approx(0.05)  # halfway through the cosine
+    assert cosine.lr(9, 99) < 0.001
+
+
+def test_plateau_divides_by_ten_and_resumes_its_state():
+    plateau = _schedule(schedule="plateau", plateau_patience=2)
+    for top1 in (0.3, 0.4, 0.4, 0.4):
+        plateau.end_epoch(top1)
+    assert plateau.lr(4, 0) == pytest.approx(0.01)
+    restored = _schedule(schedule="plateau", plateau_patience=2)
+    restored.load_state_dict(plateau.state_dict())
+    assert restored.lr(4, 0) == plateau.lr(4, 0)
+    for _ in range(20):
+        plateau.end_epoch(0.1)
+    assert plateau.lr(30, 0) == pytest.approx(0.0001)  # divided three times at most, as in the paper

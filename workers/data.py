@@ -1,10 +1,11 @@
 """Stream shards (local or ``s3://``) into uint8 batches, in the order ``sampling`` prescribes.
 
-``TrainStream`` is an IterableDataset whose items are *chunks*: the samples one stream gives one
-rank at one step. DataLoader workers own disjoint sets of streams, so each shard is read once per
-epoch per rank that needs it. ``assemble_batches`` joins the chunks of a step, in stream order,
-into the rank's batch. A sample that fails to decode is dropped from its chunk and counted; a
-shard that cannot be read costs its samples, counted the same way, never a crash.
+Training: ``train_batches`` decodes with threads straight into each step's batch tensor (see
+``ThreadedTrainLoader``). Evaluation: ``eval_batches``, a DataLoader over the rank's contiguous
+share of the split. Shards are read with our boto3 opener registered in WebDataset's ``gopen``
+(so ``s3://`` URLs stream and resume) and a minimal tar reader. A sample that fails to decode is
+dropped from its batch and counted; a shard that cannot be read costs its samples, counted the
+same way, never a crash.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,7 +21,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import tar_file_iterator
 
 from data_prep.storage import apply_storage_env, storage_env
 
@@ -63,18 +64,60 @@ def split_info(dataset: str, manifest: dict, split: str) -> SplitInfo:
                      len(manifest["classes"]), tuple(c["name"] for c in manifest["classes"]))
 
 
+def _octal(field: bytes) -> int:
+    return int(field.rstrip(b"\0 ").decode("ascii") or "0", 8)
+
+
+def iter_tar(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file in a tar stream.
+
+    Reads ustar headers directly: Python's tarfile spends more time on a header than the loader
+    spends on the member. Handles the long-name extensions other tar writers emit (pax ``path``
+    records, GNU ``././@LongLink``) so shards made by other tools work too.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header == b"\0" * 512:
+            return
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = stream.read(size)
+        if len(data) < size:
+            raise EOFError(f"tar member truncated: {len(data)} of {size} bytes")
+        stream.read(-size % 512)
+        if kind in (b"x", b"L"):  # long name of the next member
+            if kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8")
+            else:
+                for record in data.decode("utf-8").splitlines():
+                    key, _, value = record.partition(" ")[2].partition("=")
+                    if key == "path":
+                        long_name = value
+            continue
+        if kind not in (b"0", b"\0"):
+            long_name = None
+            continue  # directories, links, global headers
+        name = long_name or header[:100].rstrip(b"\0").decode("utf-8")
+        prefix = header[345:500].rstrip(b"\0")
+        if prefix and not long_name and header[257:262] == b"ustar":
+            name = f"{prefix.decode('utf-8')}/{name}"
+        long_name = None
+        yield name, data
+
+
 def _group_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard in file order: {'__key__', 'jpg', 'cls'}; raises on a broken stream."""
+    """Samples of one shard in file order: {'__key__', 'jpg', 'cls', ...}; raises on a broken stream."""
     s3io.register()
     with gopen(url, "rb") as stream:
         current: dict | None = None
-        for member in tar_file_iterator(stream):
-            key, _, ext = posixpath.basename(member["fname"]).partition(".")
+        for name, data in iter_tar(stream):
+            key, _, ext = posixpath.basename(name).partition(".")
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
-            current[ext] = member["data"]
+            current[ext] = data
         if current is not None:
             yield current
 
@@ -138,30 +181,92 @@ class _StreamCursor:
         return self.buffer[read_pos - block_start]
 
 
-class TrainStream(IterableDataset):
-    """Chunks of decoded uint8 samples for one rank, from ``start_step`` to the epoch's end."""
+@dataclass
+class Batch:
+    step: int
+    images: torch.Tensor  # uint8 N,3,H,W
+    labels: torch.Tensor
+    alphas: torch.Tensor  # PCA lighting draws, N,3
+    keys: list[str]
+    skipped: int  # samples of this step that could not be read or decoded
+
+
+class _StepBuffer:
+    """One step's batch, filled in place by the decoding threads."""
+
+    def __init__(self, step: int, size: int, image_size: int, parts: int):
+        self.step = step
+        self.images = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8)
+        self.labels = np.zeros(size, dtype=np.int64)
+        self.alphas = np.zeros((size, 3), dtype=np.float32)
+        self.keys: list[str | None] = [None] * size
+        self.remaining, self.skipped = parts, 0
+
+    def batch(self) -> Batch:
+        valid = [i for i, key in enumerate(self.keys) if key is not None]
+        if len(valid) == len(self.keys):
+            return Batch(self.step, self.images, torch.from_numpy(self.labels), torch.from_numpy(self.alphas),
+                         list(self.keys), self.skipped)
+        index = torch.tensor(valid, dtype=torch.long)  # rare: some samples were corrupt
+        return Batch(self.step, self.images.index_select(0, index), torch.from_numpy(self.labels[valid]),
+                     torch.from_numpy(self.alphas[valid]), [self.keys[i] for i in valid], self.skipped)
+
+
+class ThreadedTrainLoader:
+    """The rank's batches of one epoch, decoded by threads straight into each batch tensor.
+
+    Threads, not processes: OpenCV decodes and resizes with the GIL released, so threads scale
+    over the cores, and a batch never crosses a process boundary (which costs shared-memory
+    segments and page faults on every chunk). Thread ``k`` owns streams ``k, k+T, ...``, so each
+    stream is read by exactly one thread. Up to ``prefetch`` steps are decoded ahead.
+    """
 
     def __init__(self, split: SplitInfo, plan: EpochPlan, slices: list[RankSlice], start_step: int, seed: int,
-                 image_size: int, shuffle_block: int, lighting_std: float = 0.0, min_crop_area: float = 0.08):
-        self.split, self.plan, self.slices = split, plan, slices
-        self.start_step, self.seed = start_step, seed
+                 image_size: int, shuffle_block: int, threads: int, lighting_std: float = 0.0,
+                 min_crop_area: float = 0.08, prefetch: int = 2):
+        self.split, self.plan, self.slices, self.start_step, self.seed = split, plan, slices, start_step, seed
         self.image_size, self.shuffle_block, self.lighting_std = image_size, shuffle_block, lighting_std
-        self.min_crop_area = min_crop_area
+        self.min_crop_area, self.prefetch = min_crop_area, max(1, prefetch)
+        self.offsets = np.cumsum([0] + [sl.hi - sl.lo for sl in slices]).tolist()
+        self.threads = max(1, min(threads, len(slices)))
+        self.cond = threading.Condition()
+        self.buffers: dict[int, _StepBuffer] = {}
+        self.next_step = start_step
+        self.closed = False
+        self.error: BaseException | None = None
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.slices[worker::workers]
-        chunk = self.plan.chunk
-        cursors = {sl.stream: _StreamCursor(self.split, self.plan, sl.stream, self.shuffle_block, self.seed,
-                                            self.start_step * chunk + sl.lo) for sl in mine}
-        for step in range(self.start_step, self.plan.steps):
-            for sl in mine:
-                yield self._chunk(cursors[sl.stream], step, sl)
+    def _claim(self, step: int) -> _StepBuffer | None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.closed or step < self.next_step + self.prefetch)
+            if self.closed:
+                return None
+            if step not in self.buffers:
+                self.buffers[step] = _StepBuffer(step, self.offsets[-1], self.image_size, len(self.slices))
+            return self.buffers[step]
 
-    def _chunk(self, cursor: _StreamCursor, step: int, sl: RankSlice) -> dict:
-        images, labels, keys, alphas, skipped = [], [], [], [], 0
-        for position in range(step * self.plan.chunk + sl.lo, step * self.plan.chunk + sl.hi):
+    def _work(self, owned: list[int]) -> None:
+        try:
+            chunk = self.plan.chunk
+            cursors = {i: _StreamCursor(self.split, self.plan, self.slices[i].stream, self.shuffle_block, self.seed,
+                                        self.start_step * chunk + self.slices[i].lo) for i in owned}
+            for step in range(self.start_step, self.plan.steps):
+                buffer = self._claim(step)
+                if buffer is None:
+                    return
+                for i in owned:
+                    skipped = self._fill(buffer, cursors[i], step, self.slices[i], self.offsets[i])
+                    with self.cond:
+                        buffer.skipped += skipped
+                        buffer.remaining -= 1
+                        self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _fill(self, buffer: _StepBuffer, cursor: _StreamCursor, step: int, sl: RankSlice, offset: int) -> int:
+        skipped = 0
+        for j, position in enumerate(range(step * self.plan.chunk + sl.lo, step * self.plan.chunk + sl.hi)):
             sample = cursor.get(position)
             rng = np.random.default_rng((self.seed, self.plan.epoch, sl.stream, position))
             try:
@@ -172,60 +277,45 @@ class TrainStream(IterableDataset):
             except (CorruptSample, ValueError):
                 skipped += 1
                 continue
-            images.append(image)
-            labels.append(label)
-            keys.append(sample["__key__"])
-            alphas.append(lighting_alphas(rng, self.lighting_std))
-        return {"step": step, "stream": sl.stream, "keys": keys, "skipped": skipped,
-                "images": _stack(images, self.image_size), "labels": torch.tensor(labels, dtype=torch.long),
-                "alphas": torch.from_numpy(np.stack(alphas)) if alphas else torch.zeros((0, 3))}
+            row = offset + j
+            buffer.images[row].copy_(torch.from_numpy(image).permute(2, 0, 1))
+            buffer.labels[row] = label
+            buffer.alphas[row] = lighting_alphas(rng, self.lighting_std)
+            buffer.keys[row] = sample["__key__"]
+        return skipped
 
-
-def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
-    if not images:
-        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-
-
-@dataclass
-class Batch:
-    step: int
-    images: torch.Tensor  # uint8 N,3,H,W
-    labels: torch.Tensor
-    alphas: torch.Tensor
-    keys: list[str]
-    skipped: int
-
-
-def assemble_batches(chunks, slices: list[RankSlice], start_step: int, steps: int) -> Iterator[Batch]:
-    """Join the chunks of each step, in stream order, as they arrive from the DataLoader workers."""
-    order = [sl.stream for sl in slices]
-    pending: dict[int, dict[int, dict]] = {}
-    step = start_step
-    for chunk in chunks:
-        pending.setdefault(chunk["step"], {})[chunk["stream"]] = chunk
-        while step < steps and len(pending.get(step, {})) == len(order):
-            parts = [pending[step][s] for s in order]
-            del pending[step]
-            yield Batch(step, torch.cat([p["images"] for p in parts]), torch.cat([p["labels"] for p in parts]),
-                        torch.cat([p["alphas"] for p in parts]), [k for p in parts for k in p["keys"]],
-                        sum(p["skipped"] for p in parts))
-            step += 1
-    assert step == steps, f"loader ended at step {step} of {steps}"
+    def __iter__(self) -> Iterator[Batch]:
+        workers = [threading.Thread(target=self._work, args=(list(range(k, len(self.slices), self.threads)),),
+                                    name=f"decode-{k}", daemon=True) for k in range(self.threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            for step in range(self.start_step, self.plan.steps):
+                with self.cond:
+                    self.cond.wait_for(lambda: self.error is not None or (
+                        step in self.buffers and self.buffers[step].remaining == 0))
+                    if self.error is not None:
+                        raise self.error
+                    buffer = self.buffers.pop(step)
+                    self.next_step = step + 1
+                    self.cond.notify_all()
+                yield buffer.batch()
+        finally:
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
 
 
 def train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: int, start_step: int, seed: int,
                   image_size: int, shuffle_block: int, num_workers: int, lighting_std: float = 0.0,
                   min_crop_area: float = 0.08, prefetch: int = 2) -> Iterator[Batch]:
-    """The rank's batches of one epoch from ``start_step``; same count on every rank."""
+    """The rank's batches of one epoch from ``start_step``; same count on every rank.
+
+    ``num_workers`` decoding threads (at least one).
+    """
     slices = rank_slices(plan, world_size, rank)
-    dataset = TrainStream(split, plan, slices, start_step, seed, image_size, shuffle_block, lighting_std,
-                          min_crop_area)
-    workers = min(num_workers, len(slices))
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                        prefetch_factor=prefetch if workers else None, multiprocessing_context=_mp() if workers else None,
-                        worker_init_fn=_WorkerEnv() if workers else None)
-    return assemble_batches(loader, slices, start_step, plan.steps)
+    return iter(ThreadedTrainLoader(split, plan, slices, start_step, seed, image_size, shuffle_block, num_workers,
+                                    lighting_std, min_crop_area, prefetch))
 
 
 def _mp():

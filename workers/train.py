@@ -78,8 +78,8 @@ class RaySession(Session):
 class LocalSession(Session):
     """One process, no Ray: checkpoints go to ``{run_dir}/checkpoints/{name}`` (local run dirs only)."""
 
-    def __init__(self, run_dir: str):
-        self.root = Path(run_dir) / "checkpoints"
+    def __init__(self, run_dir: str, keep: int):
+        self.root, self.keep = Path(run_dir) / "checkpoints", keep
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def latest_checkpoint(self):
@@ -99,6 +99,8 @@ class LocalSession(Session):
         target = self.root / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(directory, target)
+        for old in sorted(self.root.glob("checkpoint_*"))[:-self.keep]:  # keep the newest, as Ray does
+            shutil.rmtree(old, ignore_errors=True)
 
     def report(self, metrics):
         pass
@@ -269,18 +271,19 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         train_model = torch.compile(train_model)
     model.train()
 
+    writer = ckpt.BackgroundWriter()
+
     def save_checkpoint(metrics: dict) -> None:
+        """Snapshot now, write on a thread, report to Ray at the next step (writer.finish)."""
         state.schedule = schedule.state_dict()
         state.metrics = metrics
         directory = tempfile.mkdtemp(prefix="alexray-ckpt-")
-        started = time.perf_counter()
-        ckpt.save(directory, rank, state, model.state_dict() if rank == 0 else None,
-                  optimizer.state_dict() if rank == 0 else None, spec.debug.checkpoint_delay)
         name = f"checkpoint_e{state.epoch:04d}_s{state.global_step:09d}"
-        session.save_checkpoint(directory, name, {**metrics, "epoch": state.epoch, "global_step": state.global_step},
-                                spec.checkpoint.async_upload)
-        if rank == 0:
-            log.info("checkpoint %s in %.2f s", name, time.perf_counter() - started)
+        report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
+        writer.start(directory, rank, state, model.state_dict() if rank == 0 else None,
+                     optimizer.state_dict() if rank == 0 else None,
+                     lambda: session.save_checkpoint(directory, name, report, spec.checkpoint.async_upload),
+                     spec.debug.checkpoint_delay)
 
     finished = False
     for epoch in range(state.epoch, t.epochs):
@@ -301,6 +304,10 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
                 loss = F.cross_entropy(train_model(x), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Publish the last checkpoint once every rank has written it; ranks agree on the step,
+            # since Ray's report is a barrier. Training never waits for a write in progress.
+            if writer.busy and _all_reduce([float(writer.written)], session.device)[0] == world:
+                writer.finish()
             optimizer.step()
 
             state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
@@ -356,6 +363,7 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         if finished:
             break
 
+    writer.finish()
     summary = None
     if rank == 0:
         weights = model.state_dict()
@@ -372,7 +380,7 @@ def train_func(config: dict) -> None:
 
 def run_local(spec: JobSpec, run_dir: str) -> dict:
     """The same loop in this process, without Ray (debugging, GPU benchmarks on a machine without Ray)."""
-    return train_loop(spec, run_dir, LocalSession(run_dir))
+    return train_loop(spec, run_dir, LocalSession(run_dir, spec.checkpoint.keep))
 
 
 def weights_sha256(state_dict: dict) -> str:

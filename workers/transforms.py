@@ -5,18 +5,22 @@ conversion, the slowest part of torchvision's usual path. Every random choice co
 generator seeded by the sample's position in the epoch, so a sample gets the same crop on any
 rank, in any DataLoader worker, after any restart.
 
-JPEG decoding uses libjpeg's DCT scaling (``Image.draft``): when the crop is at least twice the
-output size the image is decoded at 1/2, 1/4 or 1/8 scale, which is several times cheaper.
+Decoding and resizing use OpenCV: its libjpeg-turbo decoder is a little faster than Pillow's and
+its SIMD resize several times faster, which together halve the CPU cost of a training sample.
+When the crop is at least twice the output size, the JPEG is decoded at 1/2, 1/4 or 1/8 scale
+(libjpeg's DCT scaling), which is cheaper still. Shrinking by more than 1.5x uses area
+averaging, so it does not alias.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
+
+cv2.setNumThreads(1)  # one decode per DataLoader process; threads would only fight over the cores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,42 +33,64 @@ class CorruptSample(Exception):
     """A sample that cannot be decoded; the loader skips and counts it."""
 
 
-def _open(data: bytes) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > 4 * Image.MAX_IMAGE_PIXELS:
-            raise CorruptSample(f"image of {image.width}x{image.height} pixels refused")
-        return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptSample(str(e)) from None
+_REDUCED = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+_MAX_PIXELS = 4 * 89_478_485
 
 
-def _decoded(image: Image.Image, scale: float) -> tuple[Image.Image, float, float]:
-    """Decode to RGB, at 1/2, 1/4 or 1/8 size when ``scale`` (source pixels per output pixel) allows.
-
-    Returns the image and the factors that map full-size coordinates onto it.
-    """
-    full_w, full_h = image.size
-    if image.format == "JPEG" and scale >= 2:
-        reduce = 1 << min(3, int(math.log2(scale)))
-        image.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
-    try:
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptSample(str(e)) from None
-    return image, image.width / full_w, image.height / full_h
-
-
-def _crop(image: Image.Image, sx: float, sy: float, box, out_w: int, out_h: int) -> Image.Image:
-    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=scaled, reducing_gap=None)
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the JPEG header, without decoding; falls back to a full decode."""
+    i, n = 2, len(data)
+    if data[:2] == b"\xff\xd8":
+        while i + 9 < n:
+            if data[i] != 0xFF:
+                break
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            i += 2 + length
+    image = _imdecode(data, 1)
+    return image.shape[1], image.shape[0]
 
 
-def _decode_region(image: Image.Image, box, out_w: int, out_h: int) -> Image.Image:
+def _imdecode(data: bytes, reduce: int) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce])
+    if image is None:
+        raise CorruptSample("cannot decode image")
+    if reduce != 1:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # the reduced modes have no RGB variant
+    return image
+
+
+def _decoded(data: bytes, width: int, height: int, scale: float) -> tuple[np.ndarray, float, float]:
+    """RGB pixels, at 1/2, 1/4 or 1/8 size when ``scale`` (source pixels per output pixel) allows,
+    and the factors that map full-size coordinates onto them."""
+    if width * height > _MAX_PIXELS:
+        raise CorruptSample(f"image of {width}x{height} pixels refused")
+    reduce = 1 << min(3, int(math.log2(scale))) if scale >= 2 else 1
+    image = _imdecode(data, reduce)
+    return image, image.shape[1] / width, image.shape[0] / height
+
+
+def _crop(image: np.ndarray, sx: float, sy: float, box, out_w: int, out_h: int) -> np.ndarray:
+    x0, y0 = int(round(box[0] * sx)), int(round(box[1] * sy))
+    x1 = max(x0 + 1, min(image.shape[1], int(round(box[2] * sx))))
+    y1 = max(y0 + 1, min(image.shape[0], int(round(box[3] * sy))))
+    region = image[y0:y1, x0:x1]
+    shrink = min((x1 - x0) / out_w, (y1 - y0) / out_h)
+    interpolation = cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_LINEAR
+    return cv2.resize(region, (out_w, out_h), interpolation=interpolation)
+
+
+def _decode_region(data: bytes, box, out_w: int, out_h: int) -> np.ndarray:
     """Crop ``box`` (full-size pixels) resized to (out_w, out_h), decoding no more than needed."""
+    width, height = image_size(data)
     scale = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
-    decoded, sx, sy = _decoded(image, scale)
+    decoded, sx, sy = _decoded(data, width, height, scale)
     return _crop(decoded, sx, sy, box, out_w, out_h)
 
 
@@ -95,13 +121,18 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
 
 
 def train_image(data: bytes, size: int, rng: np.random.Generator, min_area: float = 0.08) -> np.ndarray:
-    """Decode, RandomResizedCrop to ``size``, random horizontal flip: HWC uint8."""
-    image = _open(data)
-    box = random_resized_crop_box(image.width, image.height, rng, scale=(min_area, 1.0))
-    out = _decode_region(image, box, size, size)
+    """Decode, RandomResizedCrop to ``size``, random horizontal flip: HWC uint8 RGB."""
+    try:
+        width, height = image_size(data)
+    except (IndexError, ValueError):
+        raise CorruptSample("unreadable image header") from None
+    box = random_resized_crop_box(width, height, rng, scale=(min_area, 1.0))
+    scale = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+    decoded, sx, sy = _decoded(data, width, height, scale)
+    out = _crop(decoded, sx, sy, box, size, size)
     if rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
 def eval_boxes(width: int, height: int, size: int, resize: int, ten_crop: bool) -> list[tuple[float, ...]]:
@@ -119,10 +150,10 @@ def eval_boxes(width: int, height: int, size: int, resize: int, ten_crop: bool) 
 
 def eval_image(data: bytes, size: int, resize: int, ten_crop: bool = False) -> np.ndarray:
     """Resize + centre crop, HWC uint8; with ``ten_crop`` an (10, H, W, C) stack (5 crops and their flips)."""
-    image = _open(data)
-    boxes = eval_boxes(image.width, image.height, size, resize, ten_crop)
-    decoded, sx, sy = _decoded(image, (boxes[0][2] - boxes[0][0]) / size)
-    crops = [np.asarray(_crop(decoded, sx, sy, box, size, size), dtype=np.uint8) for box in boxes]
+    width, height = image_size(data)
+    boxes = eval_boxes(width, height, size, resize, ten_crop)
+    decoded, sx, sy = _decoded(data, width, height, (boxes[0][2] - boxes[0][0]) / size)
+    crops = [_crop(decoded, sx, sy, box, size, size) for box in boxes]
     if not ten_crop:
         return crops[0]
     return np.stack(crops + [c[:, ::-1] for c in crops])
