@@ -136,3 +136,11 @@ def test_plateau_divides_by_ten_and_resumes_its_state():
     for _ in range(20):
         plateau.end_epoch(0.1)
     assert plateau.lr(30, 0) == pytest.approx(0.0001)  # divided three times at most, as in the paper
+
+
+@pytest.mark.parametrize("name", ["digits.yaml", "imagenet-alexnet.yaml"])
+def test_example_specs_are_valid(name):
+    from workers.config import load_spec
+
+    spec = load_spec(ROOT / "examples" / name)
+    assert spec.train.global_batch_size % spec.data.streams == 0
