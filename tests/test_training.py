@@ -144,3 +144,12 @@ def test_example_specs_are_valid(name):
 
     spec = load_spec(ROOT / "examples" / name)
     assert spec.train.global_batch_size % spec.data.streams == 0
+
+
+def test_gpu_benchmark_script_runs_on_cpu(digits, tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--data", str(digits), "--width", "0.25",
+                    "--classes", "10", "--batch", "32", "--image-size", "64", "--steps", "3", "--warmup", "1",
+                    "--threads", "2", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    result = read_json(out)
+    assert result["device"] == "cpu" and result["synthetic_img_s"] > 0 and result["real_img_s"] > 0
