@@ -153,3 +153,32 @@ def test_gpu_benchmark_script_runs_on_cpu(digits, tmp_path):
                     "--threads", "2", "--json", str(out)], check=True, capture_output=True, timeout=300)
     result = read_json(out)
     assert result["device"] == "cpu" and result["synthetic_img_s"] > 0 and result["real_img_s"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scaling.num_workers=abc", "scaling.num_workers: expected an integer or a [min, max] list"),
+    ("scaling.num_workers=[3,1]", "scaling.num_workers: a range must be [min, max]"),
+    ("model.num_classes=1.5", "model.num_classes: expected an integer"),
+    ("train.deterministic=yes please", "train.deterministic: expected true or false"),
+    ("train.schedule=linear", "train.schedule: 'linear' is not one of step, plateau, cosine"),
+    ("data.eval_resize=100", "data.eval_resize: 100 is smaller than data.image_size 224"),
+    ("aws.secret_access_key=x", "aws.secret_access_key: specs must not carry secrets"),
+    ("data.path=s3://user:pass@bucket/x", "data.path: a URL with an embedded password"),
+    ("nonsense", "expected section.field=value"),
+])
+def test_spec_validation_names_the_field(override, message):
+    from workers.config import SpecError, load_spec
+
+    with pytest.raises(SpecError) as error:
+        load_spec({"data": {"path": "/data/shards"}}, [override])
+    assert message in str(error.value)
+
+
+def test_spec_overrides_apply_after_the_file(tmp_path):
+    from workers.config import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("data: {path: /data}\ntrain: {epochs: 5, lr: 0.02}\n")
+    spec = load_spec(path, ["train.epochs=7", "scaling.num_workers=[2, 4]", "data.val_split=null"])
+    assert (spec.train.epochs, spec.train.lr, spec.scaling.num_workers, spec.data.val_split) == (7, 0.02, [2, 4], None)
+    assert spec.train.momentum == 0.9 and spec.train.weight_decay == 5e-4  # the paper's defaults

@@ -133,3 +133,14 @@ def test_s3_server_restart_mid_epoch(digits, tmp_path, ray_cluster, s3_server, s
     summary = read_json(tmp_path / "runs" / "outage" / "summary.json")
     assert summary["steps"] == 18
     assert summary["history"][0]["corrupt_skipped"] == 0  # reads resumed, nothing was lost
+
+
+def test_train_starts_its_own_local_cluster_when_none_is_given(digits, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"), run={"name": "local"},
+                      train={"max_steps": 4}, data={"val_split": None})
+    stdout = _finish(start_alexray("train", spec, env={**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}))
+    assert json.loads(stdout[stdout.index("{"):])["steps"] == 4
+    assert _train_workers() == []  # the cluster went away with the command

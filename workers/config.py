@@ -11,7 +11,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -133,26 +134,19 @@ _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IG
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted for floats."""
     origin, args = get_origin(annotation), get_args(annotation)
-    if origin is not None and type(None) in args:  # X | None
-        if value is None:
+    if origin in (Union, UnionType):  # X | None, int | list[int]
+        if value is None and type(None) in args:
             return None
-        others = [a for a in args if a is not type(None)]
-        annotation = others[0] if len(others) == 1 else others
-        if isinstance(annotation, list):
-            for candidate in annotation:
-                try:
-                    return _coerce(path, value, candidate)
-                except SpecError:
-                    continue
-            raise SpecError(f"{path}: {value!r} is not a valid value")
-        return _coerce(path, value, annotation)
-    if origin is not None and len(args) and any(get_origin(a) is list for a in args):  # int | list[int]
-        for candidate in args:
+        candidates = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in candidates:
             try:
                 return _coerce(path, value, candidate)
-            except SpecError:
-                continue
-        raise SpecError(f"{path}: expected an integer or a [min, max] list, got {value!r}")
+            except SpecError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise SpecError(f"{path}: expected {' or '.join(_describe(c) for c in candidates)}, got {value!r}")
     if get_origin(annotation) is list:
         if not isinstance(value, list):
             raise SpecError(f"{path}: expected a list, got {value!r}")
@@ -174,6 +168,12 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             raise SpecError(f"{path}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unhandled annotation {annotation} at {path}")
+
+
+def _describe(annotation: Any) -> str:
+    if get_origin(annotation) is list:
+        return "a [min, max] list" if get_args(annotation)[0] is int else "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
 
 
 def _build(cls, data: dict, prefix: str):

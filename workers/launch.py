@@ -95,8 +95,8 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
     if not ray.is_initialized():
         if address:
             ray.init(address=address, logging_level="ERROR")
-        else:
-            ray.init(include_dashboard=False, logging_level="ERROR")
+        else:  # a new cluster for this job, reachable from this machine only
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
     lo, hi = spec.worker_range()
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:

@@ -54,6 +54,19 @@ def _check_num_classes(num_classes: int) -> int:
     return num_classes
 
 
+def _classifier(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """FC6, FC7 (with dropout before each) and FC8, indexed like torchvision's: fc6 = 1, fc7 = 4, fc8 = 6."""
+    return nn.Sequential(
+        nn.Dropout(p=dropout),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 class AlexNet(nn.Module):
     """The network of Krizhevsky, Sutskever and Hinton (NIPS 2012).
 
@@ -117,16 +130,7 @@ class AlexNet(nn.Module):
             ("pool5", pool()),
         ]))
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        # Same indices as torchvision's AlexNet classifier: fc6 = 1, fc7 = 4, fc8 = 6.
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),
-            nn.Linear(c5 * 6 * 6, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = _classifier(c5 * 6 * 6, hidden, num_classes, dropout)
         self.reset_parameters()
 
     # Layers whose bias the paper sets to 1 so the ReLUs start with positive inputs.
@@ -206,15 +210,7 @@ class AlexNetTV(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),
-            nn.Linear(c5 * 6 * 6, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = _classifier(c5 * 6 * 6, hidden, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

@@ -1,0 +1,378 @@
+"""Job submission through Ray's Jobs API, against a real local Ray cluster with token auth on.
+
+The cluster is started once for the module with its dashboard on loopback, an isolated HOME that
+holds the cluster's token (``~/.ray/auth_token``) and ``RAY_AUTH_MODE=token``, and the test S3
+server's credentials in its environment. Teardown stops exactly this cluster's processes (found by
+their HOME) so that another Ray cluster on the same machine survives; ``ray stop`` runs as well
+when no other Ray cluster is running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from orchestrator import jobs
+from orchestrator.jobs import JobError
+from tests.trainingtools import sharded_digits, write_spec
+
+RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "dashboard", "runtime_env", "log_monitor", "monitor.py",
+                     "ray_client_server", "default_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with_home(home: str) -> list[int]:
+    """Processes of this user whose environment has HOME=home (every process of the test cluster)."""
+    marker = f"HOME={home}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _other_ray_clusters(home: str) -> list[int]:
+    ours = set(_pids_with_home(home))
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) not in ours]
+
+
+def _stop_cluster(ray: str, home: str, env: dict) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in _pids_with_home(home):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while _pids_with_home(home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if not _other_ray_clusters(home):  # 'ray stop' stops every Ray process of this user on the machine
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def jobs_cluster(tmp_path_factory, s3_server):
+    """A one-node Ray cluster (4 CPUs) with the dashboard on 127.0.0.1 and token auth on.
+
+    Yields ``{"address", "token", "home", "temp_dir"}``.
+    """
+    ray = str(Path(sys.executable).with_name("ray"))
+    home = tmp_path_factory.mktemp("jobs-ray-home")
+    token = secrets.token_hex(32)
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths have a length limit
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(s3_server.env(), HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_DEDUP_LOGS="0")
+    dashboard = _free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+                        "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=180)
+        deadline = time.monotonic() + 90
+        while True:  # the Jobs API comes up a little after 'ray start' returns
+            try:
+                r = requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Jobs API at {address} did not come up")
+            time.sleep(0.5)
+        yield {"address": address, "token": token, "home": str(home), "temp_dir": temp_dir}
+    finally:
+        _stop_cluster(ray, str(home), env)
+        left = [f"{pid} {_cmdline(pid)[:120]}" for pid in _pids_with_home(str(home))]
+        assert not left, f"Ray processes left behind: {left}"
+
+
+@pytest.fixture
+def token_env(jobs_cluster, monkeypatch, tmp_path):
+    """This process talks to the cluster with its token; HOME is empty so no other token is found."""
+    home = tmp_path / "client-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", jobs_cluster["token"])
+    return jobs_cluster
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return sharded_digits(tmp_path_factory.mktemp("digits-jobs"))
+
+
+@pytest.fixture
+def no_address_env(monkeypatch):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _small_spec(tmp_path: Path, digits: Path, storage: str, name: str = "spec.yaml", **sections) -> Path:
+    sections.setdefault("train", {}).setdefault("max_steps", 4)
+    sections.setdefault("data", {}).setdefault("val_split", None)
+    sections.setdefault("scaling", {}).setdefault("num_workers", 2)
+    return write_spec(tmp_path / name, str(digits), storage, **sections)
+
+
+def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+# --- no cluster needed --------------------------------------------------------------------------
+
+def test_resolve_address(monkeypatch, no_address_env):
+    assert jobs.resolve_address(None) == "http://127.0.0.1:8265"
+    assert jobs.resolve_address("auto") == "http://127.0.0.1:8265"
+    assert jobs.resolve_address("10.0.0.5:8266") == "http://10.0.0.5:8266"
+    assert jobs.resolve_address("head") == "http://head:8265"
+    assert jobs.resolve_address("https://ray.example.com/") == "https://ray.example.com"
+    assert jobs.resolve_address("[::1]:8265") == "http://[::1]:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9000")
+    assert jobs.resolve_address(None) == "http://127.0.0.1:9000"
+    assert jobs.resolve_address("http://127.0.0.1:1234") == "http://127.0.0.1:1234"  # the argument wins
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9001")
+    assert jobs.resolve_address(None) == "http://127.0.0.1:9001"
+    for bad, words in (("ray://head:10001", "Ray Client"), ("head:6379", "GCS"), ("ftp://head:21", "scheme"),
+                       ("http://head:notaport", "not a valid address")):
+        with pytest.raises(JobError, match=words):
+            jobs.resolve_address(bad)
+
+
+def test_plain_http_to_another_host_is_refused_before_any_connection(monkeypatch, tmp_path, no_address_env):
+    attempts = []
+
+    def no_connect(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("a connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_connect)
+    monkeypatch.setattr(socket, "create_connection", no_connect)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-sent-anywhere")
+    spec = write_spec(tmp_path / "spec.yaml", str(tmp_path / "data"), str(tmp_path / "runs"))
+    for address in ("http://203.0.113.5:8265", "198.51.100.7:8265", "http://ray-head.example.com:8265"):
+        for call in (lambda: jobs.client(address), lambda: jobs.submit(spec, [], address),
+                     lambda: jobs.status(address, "some-job"), lambda: jobs.list_jobs(address),
+                     lambda: jobs.stop(address, "some-job"), lambda: jobs.logs(address, "some-job")):
+            with pytest.raises(JobError) as e:
+                call()
+            message = str(e.value)
+            assert "CVE-2023-48022" in message and "SSH tunnel" in message and "https://" in message, message
+            assert e.value.exit_code == 2 and "\n" not in message
+    assert attempts == []
+    for fine in ("https://203.0.113.5:8265", "http://127.0.0.1:8265", "http://127.8.9.10:8265",
+                 "http://localhost:8265", "http://[::1]:8265"):
+        jobs.check_secure(fine)  # no error, and still nothing sent
+    jobs.check_secure("http://203.0.113.5:8265", insecure=True)
+    assert attempts == []
+
+
+def test_token_sources_follow_rays_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobs.auth_token() == (None, "no token")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobs.auth_token()[0] == "from-home"
+    (tmp_path / "tok").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert jobs.auth_token()[0] == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.auth_token() == ("from-env", "RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(JobError, match="RAY_AUTH_TOKEN_PATH"):
+        jobs.auth_token()
+
+
+def test_unreachable_cluster_gives_a_clear_error(no_address_env):
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    for call in (lambda: jobs.client(address), lambda: jobs.list_jobs(address), lambda: jobs.status(address)):
+        with pytest.raises(JobError) as e:
+            call()
+        assert str(e.value) == (f"cannot reach the Ray cluster at {address}: start one with 'ray start --head' "
+                                "or pass --address")
+
+
+def test_bad_spec_is_refused_naming_the_field(tmp_path, no_address_env):
+    spec = write_spec(tmp_path / "spec.yaml", str(tmp_path / "data"), str(tmp_path / "runs"))
+    with pytest.raises(JobError, match=r"^train.global_batch_size: 33 is not divisible") as e:
+        jobs.submit(spec, ["train.global_batch_size=33", "data.streams=1"], "http://203.0.113.5:8265")
+    assert e.value.exit_code == 2
+    with pytest.raises(JobError, match=r"^run.secret_key: specs must not carry secrets"):
+        jobs.submit(spec, ["run.secret_key=abc"])
+
+
+def test_importing_the_orchestrator_needs_no_torch():
+    code = "import orchestrator.jobs, orchestrator.preflight, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
+
+
+# --- against the cluster ------------------------------------------------------------------------
+
+def test_token_auth_is_on_and_wrong_or_missing_tokens_are_refused(token_env, monkeypatch):
+    address = token_env["address"]
+    assert requests.get(f"{address}/api/authentication_mode", timeout=5).json()["authentication_mode"] == "token"
+    assert requests.get(f"{address}/api/jobs/", timeout=5).status_code == 401
+    assert isinstance(jobs.list_jobs(address), list)  # the right token from RAY_AUTH_TOKEN
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong-" + secrets.token_hex(8))
+    with pytest.raises(JobError) as e:
+        jobs.client(address)
+    assert str(e.value).startswith(f"the Ray cluster at {address} refused the token from RAY_AUTH_TOKEN; set "
+                                   "RAY_AUTH_TOKEN to the cluster's token"), str(e.value)
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")  # and HOME holds no token
+    with pytest.raises(JobError, match="requires a token and none was sent; set RAY_AUTH_TOKEN"):
+        jobs.list_jobs(address)
+
+    token_file = Path(os.environ["HOME"]) / ".ray" / "auth_token"
+    token_file.parent.mkdir()
+    token_file.write_text(token_env["token"] + "\n")
+    assert isinstance(jobs.list_jobs(address), list)  # ~/.ray/auth_token, as Ray reads it
+
+
+def test_submit_status_logs_until_succeeded(token_env, digits, tmp_path, s3_bucket, s3_env):
+    address = token_env["address"]
+    spec = _small_spec(tmp_path, digits, f"s3://{s3_bucket}/runs")
+    job_id, run_name = jobs.submit(spec, ["train.seed=3"], address)
+    assert run_name.startswith("alexnet-")
+
+    early = jobs.status(address, job_id)
+    assert early["job_id"] == job_id and early["run_name"] == run_name
+    assert early["status"] in ("PENDING", "RUNNING", "SUCCEEDED")
+    assert early["run_dir"] == f"s3://{s3_bucket}/runs/{run_name}"
+
+    assert jobs.wait_for(address, job_id, timeout=150) == "SUCCEEDED", jobs.logs(address, job_id)[-3000:]
+    text = jobs.logs(address, job_id)
+    summary = json.loads(text[text.rindex('{\n "best_top1"'):text.rindex("}") + 1])
+    assert summary["steps"] == 4 and summary["run_name"] == run_name
+
+    final = jobs.status(address, run_name)  # a run name finds its newest job
+    assert final["job_id"] == job_id and final["status"] == "SUCCEEDED" and final["driver_exit_code"] == 0
+    assert final["step"] == 4 and final["epoch"] == 0 and final["restarts"] == 0
+    assert final["images_per_s"] > 0 and final["loss"] > 0
+    assert final["newest_checkpoint"] == f"s3://{s3_bucket}/runs/{run_name}/checkpoint_e0000_s000000004"
+    assert final["summary"]["samples"] == 4 * 32 and "progress_error" not in final
+    assert jobs.status(address)["job_id"] == job_id  # no id: the newest alexray job
+
+    listed = {j["job_id"]: j for j in jobs.list_jobs(address)}
+    assert listed[job_id]["run_name"] == run_name
+    # What the cluster was given: this interpreter, the spec in a working_dir, no secrets anywhere.
+    info = jobs.client(address).get_job_info(job_id)
+    assert info.entrypoint == f"{sys.executable} -u -m orchestrator.cli train job-spec.yaml"
+    assert set(info.runtime_env) == {"working_dir"} and info.runtime_env["working_dir"].startswith("gcs://")
+    assert info.metadata == {"alexray_run": run_name, "alexray_storage": f"s3://{s3_bucket}/runs"}
+    assert token_env["token"] not in json.dumps(info.model_dump() if hasattr(info, "model_dump") else info.dict())
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in text
+
+    followed = []
+
+    class Sink:
+        def write(self, chunk):
+            followed.append(chunk)
+
+        def flush(self):
+            pass
+
+    assert jobs.logs(address, job_id, follow=True, out=Sink()) == "".join(followed)
+    assert '"steps": 4' in "".join(followed)
+
+
+def test_stop_a_running_job(token_env, digits, tmp_path):
+    address = token_env["address"]
+    spec = _small_spec(tmp_path, digits, str(tmp_path / "runs"), run={"name": "to-stop"},
+                       train={"max_steps": 500}, debug={"step_delay": 1.0})
+    job_id, run_name = jobs.submit(spec, [], address)
+    assert run_name == "to-stop"
+    status = _wait(lambda: (s := jobs.status(address, job_id))["step"] is not None and s, 150, "the first step")
+    assert status["status"] == "RUNNING" and status["restarts"] == 0
+
+    result = jobs.stop(address, job_id, timeout=60)
+    assert result == {"job_id": job_id, "run_name": "to-stop", "stop_requested": True, "status": "STOPPED"}
+    after = jobs.status(address, "to-stop")
+    assert after["status"] == "STOPPED" and after["summary"] is None and after["step"] < 500
+
+    def workers_gone():
+        return not [p for p in _pids_with_home(token_env["home"]) if "RayTrainWorker" in _cmdline(p)]
+
+    _wait(workers_gone, 60, "the stopped job's training workers to exit")
+    assert jobs.stop(address, job_id)["stop_requested"] is False  # already stopped
+
+
+def test_preflight_refuses_bad_jobs_before_submitting(token_env, digits, tmp_path):
+    address = token_env["address"]
+    before = len(jobs.list_jobs(address, all_jobs=True))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases = [
+        (dict(dataset=empty), [], r"^data.path: no manifest.json in .*empty; shard a dataset there"),
+        (dict(dataset=tmp_path / "nowhere"), [], r"^data.path: .*nowhere does not exist"),
+        ({}, ["scaling.num_workers=8"],
+         r"^scaling.num_workers: 8 workers need 8 CPUs .* has 4 CPUs on 1 node\(s\), room for 4 worker"),
+        ({}, ["scaling.cpus_per_worker=3"], r"^scaling.num_workers: 2 workers need 6 CPUs .* room for 1 worker"),
+        ({}, ["scaling.use_gpu=true"], r"^scaling.use_gpu: the cluster at .* has no GPUs"),
+        ({}, ["model.num_classes=5"], r"^model.num_classes: 5 does not match the 10 classes"),
+        ({}, ["data.val_split=test"], r"^data.val_split: the dataset at .* has no samples in split 'test'"),
+        (dict(storage=a_file / "runs"), [], r"^run.storage: "),
+    ]
+    for where, overrides, pattern in cases:
+        spec = _small_spec(tmp_path, where.get("dataset", digits), str(where.get("storage", tmp_path / "runs")))
+        with pytest.raises(JobError, match=pattern) as e:
+            jobs.submit(spec, overrides, address)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert len(jobs.list_jobs(address, all_jobs=True)) == before  # nothing was submitted
+
+
+def test_unknown_job_is_a_clear_error(token_env):
+    with pytest.raises(JobError, match=r"no job or run 'nope' on the cluster at .*: list them with 'alexray jobs'"):
+        jobs.status(token_env["address"], "nope")
