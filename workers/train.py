@@ -45,9 +45,6 @@ class Session:
     def save_checkpoint(self, directory: str, name: str, metrics: dict, async_upload: bool) -> None:
         raise NotImplementedError
 
-    def report(self, metrics: dict) -> None:
-        raise NotImplementedError
-
 
 class RaySession(Session):
     def __init__(self):
@@ -70,9 +67,6 @@ class RaySession(Session):
         self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(directory),
                           checkpoint_dir_name=name, checkpoint_upload_mode=mode,
                           delete_local_checkpoint_after_upload=True)
-
-    def report(self, metrics):
-        self.train.report(metrics)
 
 
 class LocalSession(Session):
@@ -101,9 +95,6 @@ class LocalSession(Session):
         shutil.move(directory, target)
         for old in sorted(self.root.glob("checkpoint_*"))[:-self.keep]:  # keep the newest, as Ray does
             shutil.rmtree(old, ignore_errors=True)
-
-    def report(self, metrics):
-        pass
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------------
