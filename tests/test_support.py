@@ -260,7 +260,7 @@ def test_images_are_real_looking_jpegs_and_classes_are_learnable(tmp_path):
     info = ds.make_imagenet_layout(tmp_path / "d", classes=4, train_per_class=20, val_per_class=5, seed=0)
     elapsed = time.monotonic() - started
     assert elapsed < 10, f"100 images took {elapsed:.1f} s"  # typically well under 1 s
-    sizes, stds, features, labels = set(), [], [], []
+    sizes, stds, features = set(), [], []
     for split in ("train", "val"):
         for rel, cls in info.splits[split]:
             path = info.root / rel
