@@ -53,8 +53,10 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
+import socket
 import sys
 import tempfile
 import threading
@@ -99,7 +101,8 @@ def resolve_address(address: str | None = None) -> str:
     if address.startswith("ray://"):
         raise JobError(f"{source}: {address} is a Ray Client address; the Jobs API is the dashboard's HTTP "
                        f"address: pass e.g. http://HEAD:{DASHBOARD_PORT}")
-    if "://" not in address:
+    bare = "://" not in address
+    if bare:
         address = f"http://{address}"
     try:
         parts = urlsplit(address)
@@ -109,13 +112,16 @@ def resolve_address(address: str | None = None) -> str:
     if parts.scheme not in ("http", "https"):
         raise JobError(f"{source}: unsupported scheme {parts.scheme!r} in {address}; "
                        f"pass the dashboard address, http(s)://HOST:{DASHBOARD_PORT}")
+    if parts.username or parts.password:
+        raise JobError(f"{source}: the address carries credentials; remove them and give the cluster's token "
+                       "through RAY_AUTH_TOKEN")
     if not parts.hostname:
         raise JobError(f"{source}: {address!r} names no host; pass http(s)://HOST:{DASHBOARD_PORT}")
     if port == 6379:
         raise JobError(f"{source}: {address} looks like the cluster's GCS port (6379); the Jobs API listens on "
                        f"the dashboard port: pass http://{parts.hostname}:{DASHBOARD_PORT}")
     netloc = parts.netloc
-    if port is None and parts.scheme == "http" and not parts.path.strip("/"):
+    if port is None and bare and not parts.path.strip("/"):
         netloc = f"{netloc}:{DASHBOARD_PORT}"  # a bare host: the dashboard's default port
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
@@ -337,7 +343,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     metadata = {RUN_KEY: spec.run.name, STORAGE_KEY: spec.run.storage}
     with tempfile.TemporaryDirectory(prefix="alexray-job-") as tmp:
         (Path(tmp) / SPEC_FILE).write_text(
-            "# written by 'alexray submit': the validated spec of run " + spec.run.name + "\n"
+            f"# run {spec.run.name}: the validated spec, as submitted from {socket.gethostname()}\n"
             + yaml.safe_dump(data, sort_keys=False))
         with _guard_of(job_client):
             job_id = job_client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": tmp},
@@ -346,9 +352,20 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
         final = wait_for(job_client, job_id, timeout=timeout)
         if final != "SUCCEEDED":
             info = _find_job(job_client, job_id)
-            raise JobError(f"job {job_id} (run {spec.run.name}) {final}: {info['message'] or 'no message'}; "
+            raise JobError(f"job {job_id} (run {spec.run.name}) {final}: {failure_reason(info['message'])}; "
                            f"see 'alexray logs {job_id}'", exit_code=1)
     return job_id, spec.run.name
+
+
+def failure_reason(message: str | None) -> str:
+    """One line from Ray's job message, which may carry the last lines of the log."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    head = lines[0].split(", last available logs")[0].rstrip(":")
+    errors = [line for line in lines[1:] if re.search(r"error|exception|not found|killed", line, re.IGNORECASE)
+              and " INFO " not in line]
+    return f"{head}: {errors[-1]}" if errors else head
 
 
 def wait_for(address, job_id: str, timeout: float | None = None, poll: float = 1.0,

@@ -3,8 +3,8 @@
 The cluster is started once for the module with its dashboard on loopback, an isolated HOME that
 holds the cluster's token (``~/.ray/auth_token``) and ``RAY_AUTH_MODE=token``, and the test S3
 server's credentials in its environment. Teardown stops exactly this cluster's processes (found by
-their HOME) so that another Ray cluster on the same machine survives; ``ray stop`` runs as well
-when no other Ray cluster is running.
+their HOME or their open files in its temp dir), so another Ray cluster on the same machine (another
+test session's) survives; ``ray stop`` runs as well when no other Ray cluster is running.
 """
 
 from __future__ import annotations
@@ -38,18 +38,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_with_home(home: str) -> list[int]:
-    """Processes of this user whose environment has HOME=home (every process of the test cluster)."""
-    marker = f"HOME={home}".encode()
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True  # gone
+
+
+def _cluster_pids(cluster: dict) -> list[int]:
+    """Live processes of the test cluster: their HOME is its HOME, or they hold files in its temp dir.
+
+    Ray renames its workers (``ray::...``), which overwrites what /proc shows of their environment,
+    but every Ray process keeps its log files, in the cluster's temp dir, open.
+    """
+    marker, temp_dir = f"HOME={cluster['home']}".encode(), cluster["temp_dir"].rstrip("/") + "/"
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or _is_zombie(int(entry.name)):
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
+            found = marker in (entry / "environ").read_bytes().split(b"\0")
+            if not found:
+                links = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+                found = any(link.startswith(temp_dir) for link in links)
         except OSError:
             continue
+        if found:
+            pids.append(int(entry.name))
     return pids
 
 
@@ -60,23 +75,27 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _other_ray_clusters(home: str) -> list[int]:
-    ours = set(_pids_with_home(home))
+def _other_ray_clusters(cluster: dict) -> list[int]:
+    ours = set(_cluster_pids(cluster))
     out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) not in ours]
+    return [int(p) for p in out.split() if int(p) not in ours and not _is_zombie(int(p))]
 
 
-def _stop_cluster(ray: str, home: str, env: dict) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in _pids_with_home(home):
+def _stop_cluster(ray: str, cluster: dict, env: dict) -> None:
+    """Stop this cluster's processes only; 'ray stop' too when no other Ray cluster runs here.
+
+    ('ray stop' stops every Ray process of this user on the machine, other test sessions' too.)
+    """
+    for sig, wait in ((signal.SIGTERM, 6.0), (signal.SIGKILL, 5.0)):
+        for pid in _cluster_pids(cluster):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while _pids_with_home(home) and time.monotonic() < deadline:
+        while _cluster_pids(cluster) and time.monotonic() < deadline:
             time.sleep(0.2)
-    if not _other_ray_clusters(home):  # 'ray stop' stops every Ray process of this user on the machine
+    if not _other_ray_clusters(cluster):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
@@ -98,6 +117,7 @@ def jobs_cluster(tmp_path_factory, s3_server):
                RAY_DEDUP_LOGS="0")
     dashboard = _free_port()
     address = f"http://127.0.0.1:{dashboard}"
+    cluster = {"address": address, "token": token, "home": str(home), "temp_dir": temp_dir}
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -115,11 +135,11 @@ def jobs_cluster(tmp_path_factory, s3_server):
             if time.monotonic() > deadline:
                 raise AssertionError(f"the Jobs API at {address} did not come up")
             time.sleep(0.5)
-        yield {"address": address, "token": token, "home": str(home), "temp_dir": temp_dir}
+        yield cluster
     finally:
-        _stop_cluster(ray, str(home), env)
+        _stop_cluster(ray, cluster, env)
+        left = [f"{pid} {_cmdline(pid)[:120]}" for pid in _cluster_pids(cluster)]
         shutil.rmtree(temp_dir, ignore_errors=True)
-        left = [f"{pid} {_cmdline(pid)[:120]}" for pid in _pids_with_home(str(home))]
         assert not left, f"Ray processes left behind: {left}"
 
 
@@ -172,6 +192,7 @@ def test_resolve_address(monkeypatch, no_address_env):
     assert jobs.resolve_address("10.0.0.5:8266") == "http://10.0.0.5:8266"
     assert jobs.resolve_address("head") == "http://head:8265"
     assert jobs.resolve_address("https://ray.example.com/") == "https://ray.example.com"
+    assert jobs.resolve_address("https://ray.example.com/ray/") == "https://ray.example.com/ray"
     assert jobs.resolve_address("[::1]:8265") == "http://[::1]:8265"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9000")
     assert jobs.resolve_address(None) == "http://127.0.0.1:9000"
@@ -179,7 +200,8 @@ def test_resolve_address(monkeypatch, no_address_env):
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9001")
     assert jobs.resolve_address(None) == "http://127.0.0.1:9001"
     for bad, words in (("ray://head:10001", "Ray Client"), ("head:6379", "GCS"), ("ftp://head:21", "scheme"),
-                       ("http://head:notaport", "not a valid address")):
+                       ("http://head:notaport", "not a valid address"),
+                       ("https://user:pw@head", "carries credentials")):
         with pytest.raises(JobError, match=words):
             jobs.resolve_address(bad)
 
@@ -335,6 +357,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert run_name == "to-stop"
     status = _wait(lambda: (s := jobs.status(address, job_id))["step"] is not None and s, 150, "the first step")
     assert status["status"] == "RUNNING" and status["restarts"] == 0
+    assert len([p for p in _cluster_pids(token_env) if "RayTrainWorker" in _cmdline(p)]) == 2
 
     result = jobs.stop(address, job_id, timeout=60)
     assert result == {"job_id": job_id, "run_name": "to-stop", "stop_requested": True, "status": "STOPPED"}
@@ -342,7 +365,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert after["status"] == "STOPPED" and after["summary"] is None and after["step"] < 500
 
     def workers_gone():
-        return not [p for p in _pids_with_home(token_env["home"]) if "RayTrainWorker" in _cmdline(p)]
+        return not [p for p in _cluster_pids(token_env) if "RayTrainWorker" in _cmdline(p)]
 
     _wait(workers_gone, 60, "the stopped job's training workers to exit")
     assert jobs.stop(address, job_id)["stop_requested"] is False  # already stopped
@@ -387,7 +410,9 @@ def test_the_address_given_is_the_one_contacted(token_env, monkeypatch):
 
 def test_wait_reports_a_failed_job(token_env, digits, tmp_path):
     spec = _small_spec(tmp_path, digits, str(tmp_path / "runs"))
-    with pytest.raises(JobError, match=r"^job \S+ \(run alexnet-\S+\) FAILED: .*; see 'alexray logs ") as e:
+    expected = (r"^job \S+ \(run alexnet-\S+\) FAILED: Job entrypoint command failed with exit code 127: "
+                r"\S+ .*no-such-python: not found; see 'alexray logs raysubmit_\w+'$")
+    with pytest.raises(JobError, match=expected) as e:
         jobs.submit(spec, [], token_env["address"], wait=True, python=str(tmp_path / "no-such-python"),
                     timeout=60)
     assert e.value.exit_code == 1
