@@ -13,6 +13,11 @@ commands:
   shard SRC DEST      shard an ImageFolder/ImageNet dataset into WebDataset tars (local dir or s3://)
   shard verify DEST   re-read a sharded dataset and check it against its manifest
   train SPEC.yaml     train on a Ray cluster (a local one when none is given), wait for the end
+  submit SPEC.yaml    validate, preflight and submit a training run through Ray's Jobs API
+  status [JOB]        state, progress and newest checkpoint of a job
+  logs JOB            a job's output (--follow to stream it)
+  stop JOB            stop a running job
+  list                alexray jobs on the cluster
 
 Run 'alexray COMMAND --help' for a command's options.
 """
@@ -32,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from workers.cli import main as train_main
 
         return train_main(rest)
+    if command in ("submit", "status", "logs", "stop", "list"):
+        from .commands import main as jobs_main
+
+        return jobs_main(argv)
     print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 

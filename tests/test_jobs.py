@@ -421,3 +421,22 @@ def test_wait_reports_a_failed_job(token_env, digits, tmp_path):
 def test_unknown_job_is_a_clear_error(token_env):
     with pytest.raises(JobError, match=r"no job or run 'nope' on the cluster at .*: list them with 'alexray jobs'"):
         jobs.status(token_env["address"], "nope")
+
+
+def test_the_alexray_job_commands(token_env, digits, tmp_path):
+    from tests.shardtools import error_line, run_alexray
+
+    address = token_env["address"]
+    spec = _small_spec(tmp_path, digits, str(tmp_path / "runs"))
+    proc = run_alexray("submit", spec, "--address", address, "--wait", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id, run_name = (line.split()[1] for line in proc.stdout.split("\n")[:2])
+    status = json.loads(run_alexray("status", run_name, "--address", address, check=True).stdout)
+    assert status["job_id"] == job_id and status["status"] == "SUCCEEDED" and status["step"] == 4
+    assert f"{job_id}\tSUCCEEDED\t{run_name}" in run_alexray("list", "--address", address, check=True).stdout
+    assert '"steps": 4' in run_alexray("logs", job_id, "--address", address, check=True).stdout
+    # refused before anything is contacted or submitted: plain http to another host, a bad spec
+    proc = run_alexray("submit", spec, "--address", "http://203.0.113.5:8265")
+    assert proc.returncode == 2 and "--insecure" in error_line(proc)
+    proc = run_alexray("submit", spec, "--address", address, "--set", "train.lr=-1")
+    assert proc.returncode == 2 and "train.lr" in error_line(proc)
