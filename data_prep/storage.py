@@ -12,6 +12,7 @@ botocore and, around whole-object operations, by ``retry_transient``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, TypeVar
 from .errors import StorageError
 
 T = TypeVar("T")
+log = logging.getLogger("alexray.storage")
 
 _TRANSIENT_CODES = {
     "RequestTimeout", "RequestTimeoutException", "Throttling", "ThrottlingException", "SlowDown",
@@ -314,6 +316,7 @@ def retry_transient(fn: Callable[[], T], *, what: str, attempts: int | None = No
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.warning("%s failed (%s); retrying in %.1f s (attempt %d of %d)", what, exc, delay, attempt, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -121,13 +121,3 @@ def shuffled_position(position: int, stream_length: int, shuffle_block: int, see
     start = block * shuffle_block
     size = min(shuffle_block, stream_length - start)
     return start + block_permutation(seed, epoch, stream, block, size)[offset]
-
-
-def locate(plan: EpochPlan, stream: int, read_position: int) -> tuple[int, int]:
-    """(shard, index within shard) of a stream position in read order."""
-    for seg in plan.streams[stream]:
-        n = seg.stop - seg.start
-        if read_position < n:
-            return seg.shard, seg.start + read_position
-        read_position -= n
-    raise IndexError(f"position beyond stream {stream}")
