@@ -18,6 +18,13 @@ commands:
   logs JOB            a job's output (--follow to stream it)
   stop JOB            stop a running job
   list                alexray jobs on the cluster
+  resume RUN_NAME     resubmit a run so it continues from its newest checkpoint
+  watch [JOB]         live terminal view of a running job's throughput, data-wait, loss and ETA
+  dashboard           a local web page that plots the same figures live from Prometheus
+  evaluate CKPT       top-1/top-5 of a checkpoint on a dataset's val shards
+  predict CKPT IMG... top-5 classes of new images
+  finetune SPEC.yaml  train a new classifier from a trained checkpoint's backbone (--from CKPT)
+  export CKPT         a standalone TorchScript/ONNX model file, optionally int8-quantised
 
 Run 'alexray COMMAND --help' for a command's options.
 """
@@ -37,10 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         from workers.cli import main as train_main
 
         return train_main(rest)
-    if command in ("submit", "status", "logs", "stop", "list"):
+    if command in ("submit", "status", "logs", "stop", "list", "resume"):
         from .commands import main as jobs_main
 
         return jobs_main(argv)
+    if command in ("watch", "dashboard"):
+        from .monitor import main as monitor_main
+
+        return monitor_main(argv)
+    if command in ("evaluate", "predict", "finetune", "export"):
+        from workers.model_cli import main as model_main
+
+        return model_main(argv)
     print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 

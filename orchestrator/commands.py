@@ -1,4 +1,4 @@
-"""``alexray submit | status | logs | stop | list``: job commands over Ray's Jobs API.
+"""``alexray submit | status | logs | stop | list | resume``: job commands over Ray's Jobs API.
 
 Every failure is one line on stderr and an exit code: 2 for bad input or environment (spec,
 preflight, address, token), 1 for a job that ran and failed. No torch is imported here.
@@ -40,10 +40,33 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop a running job")
     stop.add_argument("job", metavar="JOB")
     _common(stop)
+    resume = sub.add_parser("resume", help="resubmit a run so it continues from its newest checkpoint")
+    resume.add_argument("run", metavar="RUN_NAME")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field that does not define the job (epochs, lr, workers...)")
+    resume.add_argument("--storage", default=None,
+                        help="where the run lives (the spec's run.storage; default: from its last job on the cluster)")
+    resume.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it succeeded")
+    _common(resume)
     listing = sub.add_parser("list", help="alexray jobs on the cluster")
     listing.add_argument("--all", action="store_true", help="every job, not only alexray's")
     _common(listing)
     return p
+
+
+def _follow_to_end(args, job_id: str) -> int:
+    """Live progress until the job ends; 0 only if it succeeded."""
+    from . import jobs
+    from .follow import describe, follow
+
+    final = follow(args.address, job_id, insecure=args.insecure)
+    if final["status"] == "SUCCEEDED":
+        print(f"run {final['run_name']} succeeded: {describe(final)}")
+        if final.get("newest_checkpoint"):
+            print(f"newest checkpoint: {final['newest_checkpoint']}")
+        return 0
+    raise JobError(f"job {job_id} (run {final['run_name']}) {final['status']}: "
+                   f"{jobs.failure_reason(final['message'])}; see 'alexray logs {job_id}'", exit_code=1)
 
 
 def main(argv: list[str]) -> int:
@@ -52,8 +75,18 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "submit":
-            job_id, run_name = jobs.submit(args.spec, args.overrides, args.address, args.insecure, wait=args.wait)
-            print(f"job {job_id}\nrun {run_name}")
+            job_id, run_name = jobs.submit(args.spec, args.overrides, args.address, args.insecure)
+            print(f"job {job_id}\nrun {run_name}", flush=True)
+            if args.wait:
+                return _follow_to_end(args, job_id)
+        elif args.command == "resume":
+            result = jobs.resume(args.address, args.run, args.overrides, storage=args.storage,
+                                 insecure=args.insecure)
+            start = (f"from {result['checkpoint']} (step {result['step']})" if result["checkpoint"]
+                     else "from step 0 (it had no checkpoint yet)")
+            print(f"job {result['job_id']}\nrun {result['run_name']}\nresumes {start}", flush=True)
+            if args.wait:
+                return _follow_to_end(args, result["job_id"])
         elif args.command == "status":
             print(json.dumps(jobs.status(args.address, args.job, insecure=args.insecure), indent=1, default=str))
         elif args.command == "logs":

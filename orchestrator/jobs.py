@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -305,7 +306,7 @@ def _find_job(job_client, ref: str | None) -> dict:
     by_run = [j for j in ours if j["run_name"] == ref]
     if infos or by_run:
         return (infos or by_run)[-1]
-    raise JobError(f"no job or run {ref!r} on the cluster at {address}: list them with 'alexray jobs'")
+    raise JobError(f"no job or run {ref!r} on the cluster at {address}: list them with 'alexray list'")
 
 
 def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = None, insecure: bool = False,
@@ -341,6 +342,9 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     interpreter = python or (sys.executable if is_loopback(address) else "python")
     entrypoint = f"{shlex.quote(interpreter)} -u -m orchestrator.cli train {SPEC_FILE}"
     metadata = {RUN_KEY: spec.run.name, STORAGE_KEY: spec.run.storage}
+    # Ray logs every package upload at INFO; the job id printed by the caller says enough.
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="alexray-job-") as tmp:
         (Path(tmp) / SPEC_FILE).write_text(
             f"# run {spec.run.name}: the validated spec, as submitted from {socket.gethostname()}\n"
@@ -355,6 +359,56 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
             raise JobError(f"job {job_id} (run {spec.run.name}) {final}: {failure_reason(info['message'])}; "
                            f"see 'alexray logs {job_id}'", exit_code=1)
     return job_id, spec.run.name
+
+
+def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage: str | None = None,
+           insecure: bool = False, wait: bool = False, python: str | None = None,
+           timeout: float | None = None) -> dict:
+    """Resubmit the run ``run_name`` so that it continues from its newest checkpoint.
+
+    The run's storage comes from ``storage`` or from the metadata of its newest job on the cluster;
+    its spec from ``{storage}/{run_name}/spec.json``. ``overrides`` may change what does not
+    define the job (epochs, lr, workers...); the data, batch, seed and model must stay, which the
+    preflight checks. Returns ``{"job_id", "run_name", "checkpoint", "step"}``; ``checkpoint`` is
+    None when the run had not checkpointed yet (it then starts from step 0).
+    """
+    from data_prep.errors import ShardError
+    from data_prep.storage import open_storage
+
+    address = resolve_address(address)
+    check_secure(address, insecure)
+    job_client = client(address, insecure)
+    with _guard_of(job_client):
+        runs = [_job_dict(j) for j in job_client.list_jobs()]
+    runs = sorted((j for j in runs if j["run_name"] == run_name), key=lambda j: j["start_time"] or 0)
+    active = [j for j in runs if j["status"] in ("PENDING", "RUNNING")]
+    if active:
+        raise JobError(f"run {run_name!r} is still {active[-1]['status']} as job {active[-1]['job_id']}; "
+                       f"stop it first with 'alexray stop {active[-1]['job_id']}'")
+    storage = storage or (runs[-1]["storage"] if runs else None)
+    if not storage:
+        raise JobError(f"no job of run {run_name!r} on the cluster at {address} says where the run lives; "
+                       "pass --storage (the spec's run.storage)")
+    storage = _absolute(storage)
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    try:
+        store = open_storage(run_dir)
+        if not store.exists("spec.json"):
+            raise JobError(f"no run {run_name!r} in {storage} ({run_dir}/spec.json is missing); check the name "
+                           "with 'alexray list' or pass --storage")
+        spec = json.loads(store.read_bytes("spec.json"))
+    except ShardError as e:
+        raise JobError(f"run.storage: {e}") from None
+    progress = run_progress(storage, run_name)
+    if progress["summary"] is not None and not overrides:
+        raise JobError(f"run {run_name!r} already finished ({progress['step']} steps, see {run_dir}/summary.json); "
+                       "to train it further, resume with --set train.epochs=N")
+    spec["run"] = {**spec.get("run", {}), "name": run_name, "storage": storage}
+    job_id, _ = submit(spec, overrides, address, insecure, wait=wait, python=python, timeout=timeout)
+    step = None
+    if progress["newest_checkpoint"]:
+        step = int(progress["newest_checkpoint"].rsplit("_s", 1)[1])
+    return {"job_id": job_id, "run_name": run_name, "checkpoint": progress["newest_checkpoint"], "step": step}
 
 
 def failure_reason(message: str | None) -> str:

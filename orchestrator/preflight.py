@@ -1,6 +1,6 @@
 """Checks run before a job is submitted, so that bad input fails here in one line, not minutes
-later on the cluster: the dataset, the run storage, and whether the cluster can ever hold the
-requested workers.
+later on the cluster: the dataset, the run storage, a reused run name, and whether the cluster can
+ever hold the requested workers.
 
 Each check raises ``JobError`` (exit code 2) whose message starts with the spec field to fix.
 Storage is checked with this machine's credentials: nodes use their own chain, so a pass here
@@ -59,6 +59,36 @@ def check_run_storage(spec: JobSpec) -> None:
         open_storage(spec.run.storage).check_writable()
     except ShardError as e:
         raise JobError(f"run.storage: {e}") from None
+
+
+def check_run_name(spec: JobSpec) -> dict | None:
+    """A run that already exists under ``run.name`` must be the same job; returns its spec, if any.
+
+    Reusing a name resumes that run from its newest checkpoint (Ray finds it by name and storage),
+    so a different dataset, batch, seed or model under the same name is refused here.
+    """
+    import json
+
+    from data_prep.errors import ShardError
+    from data_prep.storage import open_storage
+    from workers.config import run_identity, spec_from_dict
+
+    run_dir = f"{spec.run.storage.rstrip('/')}/{spec.run.name}"
+    try:
+        storage = open_storage(run_dir)
+        if not storage.exists("spec.json"):
+            return None
+        existing = json.loads(storage.read_bytes("spec.json"))
+    except ShardError as e:
+        raise JobError(f"run.storage: {e}") from None
+    except ValueError:
+        raise JobError(f"run.name: {run_dir}/spec.json is unreadable; pick a new run.name") from None
+    theirs, ours = run_identity(spec_from_dict(existing)), run_identity(spec)
+    if theirs != ours:
+        changed = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        raise JobError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} as a "
+                       f"different job ({changed}); pick a new run.name, or leave it unset for a fresh one")
+    return existing
 
 
 def cluster_resources(client) -> list[dict]:
@@ -121,6 +151,7 @@ def preflight(spec: JobSpec, address: str, client, *, check_resources: bool = Tr
     """Run every check; returns what was found: ``{"classes", "train_samples", "cluster"}``."""
     manifest = check_dataset(spec)
     check_run_storage(spec)
+    check_run_name(spec)
     cluster = check_cluster(spec, client, address) if check_resources else None
     train = (manifest.get("splits") or {}).get(spec.data.train_split) or {}
     return {"classes": manifest.get("num_classes"), "train_samples": train.get("samples"), "cluster": cluster}

@@ -129,30 +129,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def ray_cluster(tmp_path_factory, s3_server):
     """A real one-node Ray cluster on 127.0.0.1 for the whole session: ``(address, env)``.
 
-    HOME is isolated (Ray writes ~/.ray state and, for new clusters, an auth token there) and the
-    temp dir is short (Ray's socket paths have a length limit). The node gets the test S3 server's
+    HOME is isolated (Ray writes ~/.ray state there). The node gets the test S3 server's
     credentials in its environment, as a cloud node gets them from its instance role: Ray's
     controller and workers reach run storage with their own credential chain. Commands that should
-    reach the cluster get ``env``.
+    reach the cluster get ``env``. Teardown stops this cluster's processes only.
     """
     import os
-    import socket
-    import subprocess
-    import sys
-    import tempfile
 
-    ray = str(Path(sys.executable).with_name("ray"))
+    from orchestrator.localcluster import start_local_cluster, stop_local_cluster
+
     home = tmp_path_factory.mktemp("ray-home")
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {**os.environ, **s3_server.env(), "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-                    "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    env = {**os.environ, **s3_server.env(), "HOME": str(home), "RAY_DEDUP_LOGS": "0"}
+    cluster = start_local_cluster(num_cpus=4, dashboard=False, token_auth=False, env=env)
     try:
-        yield f"127.0.0.1:{port}", {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        yield cluster.gcs_address, {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        left = stop_local_cluster(cluster)
+        assert not left, f"Ray processes left behind: {left}"

@@ -2,9 +2,8 @@
 
 The cluster is started once for the module with its dashboard on loopback, an isolated HOME that
 holds the cluster's token (``~/.ray/auth_token``) and ``RAY_AUTH_MODE=token``, and the test S3
-server's credentials in its environment. Teardown stops exactly this cluster's processes (found by
-their HOME or their open files in its temp dir), so another Ray cluster on the same machine (another
-test session's) survives; ``ray stop`` runs as well when no other Ray cluster is running.
+server's credentials in its environment. Teardown stops exactly this cluster's processes
+(``orchestrator.localcluster``), so other Ray clusters on the same machine survive.
 """
 
 from __future__ import annotations
@@ -12,12 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +22,8 @@ import requests
 
 from orchestrator import jobs
 from orchestrator.jobs import JobError
+from orchestrator.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
 from tests.trainingtools import sharded_digits, write_spec
-
-RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "dashboard", "runtime_env", "log_monitor", "monitor.py",
-                     "ray_client_server", "default_worker.py")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,108 +31,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True  # gone
-
-
-def _cluster_pids(cluster: dict) -> list[int]:
-    """Live processes of the test cluster: their HOME is its HOME, or they hold files in its temp dir.
-
-    Ray renames its workers (``ray::...``), which overwrites what /proc shows of their environment,
-    but every Ray process keeps its log files, in the cluster's temp dir, open.
-    """
-    marker, temp_dir = f"HOME={cluster['home']}".encode(), cluster["temp_dir"].rstrip("/") + "/"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid() or _is_zombie(int(entry.name)):
-            continue
-        try:
-            found = marker in (entry / "environ").read_bytes().split(b"\0")
-            if not found:
-                links = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-                found = any(link.startswith(temp_dir) for link in links)
-        except OSError:
-            continue
-        if found:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _other_ray_clusters(cluster: dict) -> list[int]:
-    ours = set(_cluster_pids(cluster))
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) not in ours and not _is_zombie(int(p))]
-
-
-def _stop_cluster(ray: str, cluster: dict, env: dict) -> None:
-    """Stop this cluster's processes only; 'ray stop' too when no other Ray cluster runs here.
-
-    ('ray stop' stops every Ray process of this user on the machine, other test sessions' too.)
-    """
-    for sig, wait in ((signal.SIGTERM, 6.0), (signal.SIGKILL, 5.0)):
-        for pid in _cluster_pids(cluster):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while _cluster_pids(cluster) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    if not _other_ray_clusters(cluster):
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def _training_workers(cluster: dict) -> list[int]:
+    return [p for p in cluster_pids(cluster["cluster"]) if "RayTrainWorker" in command_line(p)]
 
 
 @pytest.fixture(scope="module")
 def jobs_cluster(tmp_path_factory, s3_server):
     """A one-node Ray cluster (4 CPUs) with the dashboard on 127.0.0.1 and token auth on.
 
-    Yields ``{"address", "token", "home", "temp_dir"}``.
+    Yields ``{"address", "token", "home", "cluster"}``; the token is in the cluster's
+    ``~/.ray/auth_token``. Teardown stops this cluster's processes only.
     """
-    ray = str(Path(sys.executable).with_name("ray"))
     home = tmp_path_factory.mktemp("jobs-ray-home")
-    token = secrets.token_hex(32)
-    (home / ".ray").mkdir()
-    (home / ".ray" / "auth_token").write_text(token)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths have a length limit
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(s3_server.env(), HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-               RAY_DEDUP_LOGS="0")
-    dashboard = _free_port()
-    address = f"http://127.0.0.1:{dashboard}"
-    cluster = {"address": address, "token": token, "home": str(home), "temp_dir": temp_dir}
+    env = {**os.environ, **s3_server.env(), "HOME": str(home), "RAY_DEDUP_LOGS": "0"}
+    cluster = start_local_cluster(num_cpus=4, env=env, token_file=home / ".ray" / "auth_token")
     try:
-        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-                        "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, timeout=180)
-        deadline = time.monotonic() + 90
-        while True:  # the Jobs API comes up a little after 'ray start' returns
-            try:
-                r = requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
-                if r.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the Jobs API at {address} did not come up")
-            time.sleep(0.5)
-        yield cluster
+        yield {"address": cluster.dashboard_url, "token": cluster.token, "home": str(home), "cluster": cluster}
     finally:
-        _stop_cluster(ray, cluster, env)
-        left = [f"{pid} {_cmdline(pid)[:120]}" for pid in _cluster_pids(cluster)]
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        left = stop_local_cluster(cluster)
         assert not left, f"Ray processes left behind: {left}"
 
 
@@ -357,7 +266,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert run_name == "to-stop"
     status = _wait(lambda: (s := jobs.status(address, job_id))["step"] is not None and s, 150, "the first step")
     assert status["status"] == "RUNNING" and status["restarts"] == 0
-    assert len([p for p in _cluster_pids(token_env) if "RayTrainWorker" in _cmdline(p)]) == 2
+    assert len(_training_workers(token_env)) == 2
 
     result = jobs.stop(address, job_id, timeout=60)
     assert result == {"job_id": job_id, "run_name": "to-stop", "stop_requested": True, "status": "STOPPED"}
@@ -365,7 +274,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert after["status"] == "STOPPED" and after["summary"] is None and after["step"] < 500
 
     def workers_gone():
-        return not [p for p in _cluster_pids(token_env) if "RayTrainWorker" in _cmdline(p)]
+        return not _training_workers(token_env)
 
     _wait(workers_gone, 60, "the stopped job's training workers to exit")
     assert jobs.stop(address, job_id)["stop_requested"] is False  # already stopped
@@ -440,3 +349,65 @@ def test_the_alexray_job_commands(token_env, digits, tmp_path):
     assert proc.returncode == 2 and "--insecure" in error_line(proc)
     proc = run_alexray("submit", spec, "--address", address, "--set", "train.lr=-1")
     assert proc.returncode == 2 and "train.lr" in error_line(proc)
+
+
+def test_resume_continues_a_stopped_run_from_its_checkpoint(token_env, digits, tmp_path):
+    from tests.shardtools import error_line, run_alexray
+
+    address = token_env["address"]
+    storage = tmp_path / "runs"
+    spec = _small_spec(tmp_path, digits, str(storage), train={"max_steps": 300}, checkpoint={"every_steps": 3},
+                       debug={"step_delay": 0.5})
+    job_id, run_name = jobs.submit(spec, [], address)
+    _wait(lambda: (s := jobs.status(address, job_id))["newest_checkpoint"] and s["step"] >= 5, 180,
+          "a checkpoint of the running job")
+    assert jobs.stop(address, job_id, timeout=60)["status"] == "STOPPED"
+    checkpoint = jobs.status(address, run_name)["newest_checkpoint"]
+    checkpoint_step = int(checkpoint.rsplit("_s", 1)[1])
+    assert checkpoint_step >= 3
+
+    # The same name with a different job is refused, by submit and by resume, before anything runs.
+    before = len(jobs.list_jobs(address))
+    with pytest.raises(JobError, match=r"^run.name: a run named .* different job \(train.seed 0 -> 5\)"):
+        jobs.submit(spec, [f"run.name={run_name}", "train.seed=5"], address)
+    proc = run_alexray("resume", run_name, "--address", address, "--set", "model.width=0.5")
+    assert proc.returncode == 2 and "model.width 0.25 -> 0.5" in error_line(proc)
+    assert len(jobs.list_jobs(address)) == before
+
+    proc = run_alexray("resume", run_name, "--address", address, "--set", "train.max_steps=24",
+                       "--set", "debug.step_delay=0", "--wait", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1] == f"run {run_name}" and lines[2] == f"resumes from {checkpoint} (step {checkpoint_step})"
+    assert f"run {run_name} succeeded: epoch 1, step 24" in proc.stdout
+
+    run_dir = storage / run_name
+    attempts = sorted((run_dir / "attempts").glob("*.json"))
+    assert [json.loads(a.read_text())["resumed_from_step"] for a in attempts] == [None, checkpoint_step]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["samples"] == 24 * 32  # every step counted once, none redone
+    final = jobs.status(address, run_name)
+    assert final["status"] == "SUCCEEDED" and final["restarts"] == 1
+
+    with pytest.raises(JobError, match=r"already finished \(24 steps.*--set train.epochs=N$"):
+        jobs.resume(address, run_name)
+    with pytest.raises(JobError, match=r"^no job of run 'never-ran' .* pass --storage"):
+        jobs.resume(address, "never-ran")
+    with pytest.raises(JobError, match=r"^no run 'never-ran' in .*spec.json is missing"):
+        jobs.resume(address, "never-ran", storage=str(storage))
+
+
+def test_stock_ray_job_submit_with_the_documented_entrypoint(token_env, digits, tmp_path):
+    """README: ray job submit --working-dir . -- python -m orchestrator.cli train SPEC.yaml"""
+    address = token_env["address"]
+    repo = Path(__file__).resolve().parent.parent
+    spec = _small_spec(tmp_path, digits, str(tmp_path / "runs"), run={"name": "stock-cli"})
+    ray = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
+                           sys.executable, "-m", "orchestrator.cli", "train", str(spec)],
+                          env={**os.environ, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout and '"run_name": "stock-cli"' in proc.stdout
+    summary = json.loads((tmp_path / "runs" / "stock-cli" / "summary.json").read_text())
+    assert summary["steps"] == 4

@@ -311,6 +311,13 @@ def load_spec(source: str | Path | dict | None, overrides: list[str] | None = No
     return validate(_build(JobSpec, data, ""))
 
 
+def run_identity(spec: JobSpec) -> dict:
+    """Spec fields a resumed run must share with the run it continues (the rest may change on resume)."""
+    return {"data.path": spec.data.path.rstrip("/"), "data.streams": spec.data.streams,
+            "train.global_batch_size": spec.train.global_batch_size, "train.seed": spec.train.seed,
+            "model.name": spec.model.name, "model.width": spec.model.width}
+
+
 def spec_from_dict(data: dict) -> JobSpec:
     """Rebuild a validated spec from ``JobSpec.to_dict()`` (as shipped to workers)."""
     return validate(_build(JobSpec, data, ""))

@@ -62,7 +62,7 @@ def check_dataset(path: str) -> None:
 
 def prepare_run(spec: JobSpec) -> str:
     """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
-    from .train import identity
+    from .config import run_identity
 
     if not spec.data.path.startswith("s3://"):
         spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
@@ -75,7 +75,7 @@ def prepare_run(spec: JobSpec) -> str:
     if existing is not None:
         from .config import spec_from_dict
 
-        if identity(spec_from_dict(existing)) != identity(spec):
+        if run_identity(spec_from_dict(existing)) != run_identity(spec):
             raise ValueError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} "
                              "with a different data path, batch, seed or model; pick a new run.name")
     else:

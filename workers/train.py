@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import JobSpec, spec_from_dict
+from .config import run_identity as identity
 from .data import eval_batches, load_manifest, split_info, train_batches
 from .models import build_model
 from .runstore import RunStore
@@ -144,13 +145,6 @@ def model_kwargs(spec: JobSpec) -> dict:
     if m.name == "alexnet_tv":
         return {"dropout": m.dropout}
     return {}
-
-
-def identity(spec: JobSpec) -> dict:
-    """Spec fields a resumed run must share with the run it continues."""
-    return {"data.path": spec.data.path.rstrip("/"), "data.streams": spec.data.streams,
-            "train.global_batch_size": spec.train.global_batch_size, "train.seed": spec.train.seed,
-            "model.name": spec.model.name, "model.width": spec.model.width}
 
 
 def _configure_determinism(spec: JobSpec) -> None:

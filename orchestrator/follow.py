@@ -1,0 +1,100 @@
+"""Follow a submitted run to its end with live progress: epoch, step, images/s, loss, val top-1.
+
+Progress comes from the run directory (``progress.json``, written by rank 0 every
+``train.log_every`` steps) and the job's state from the Jobs API, polled once a second. On a
+terminal it is a progress bar with rate and ETA; otherwise one plain line per epoch and at most
+one every ``quiet_every`` seconds, so CI logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+from . import jobs
+from .jobs import JobError
+
+
+def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
+    """Steps the run will take: epochs x steps per epoch, capped by train.max_steps."""
+    import json
+
+    from data_prep.errors import ShardError
+    from data_prep.storage import open_storage
+
+    per_epoch = progress.get("steps_per_epoch")
+    if not per_epoch:
+        return None
+    try:
+        spec = json.loads(open_storage(f"{storage.rstrip('/')}/{run_name}").read_bytes("spec.json"))
+    except (ShardError, OSError, ValueError):
+        return None
+    total = spec["train"]["epochs"] * per_epoch
+    max_steps = spec["train"].get("max_steps")
+    return min(total, max_steps) if max_steps else total
+
+
+def describe(progress: dict) -> str:
+    """``epoch 3, step 120, 840 img/s, loss 0.4123, val top-1 91.2%`` from whatever is known yet."""
+    parts = []
+    if progress.get("epoch") is not None:
+        parts.append(f"epoch {progress['epoch']}")
+    if progress.get("step") is not None:
+        parts.append(f"step {progress['step']}")
+    if progress.get("images_per_s") is not None:
+        parts.append(f"{progress['images_per_s']:.0f} img/s")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("top1") is not None:
+        parts.append(f"val top-1 {100 * progress['top1']:.1f}%")
+    elif progress.get("best_top1") is not None:
+        parts.append(f"best val top-1 {100 * progress['best_top1']:.1f}%")
+    if progress.get("restarts"):
+        parts.append(f"{progress['restarts']} restart(s)")
+    return ", ".join(parts)
+
+
+def follow(address, job_id: str, *, insecure: bool = False, timeout: float | None = None, poll: float = 1.0,
+           out: IO[str] | None = None, bar: bool | None = None, quiet_every: float = 15.0) -> dict:
+    """Show the job's progress until it ends; returns its final ``jobs.status`` dict.
+
+    ``bar``: a progress bar (True), plain lines (False), or a bar only on a terminal (None).
+    """
+    from tqdm import tqdm
+
+    out = sys.stderr if out is None else out
+    if bar is None:
+        bar = hasattr(out, "isatty") and out.isatty()
+    job_client = jobs.client(address, insecure)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown_state, last_line, last_epoch, progress_bar = None, 0.0, None, None
+    try:
+        while True:
+            status = jobs.status(job_client, job_id)
+            state = status["status"]
+            if state != shown_state:
+                if progress_bar is None or state in jobs.TERMINAL:
+                    (progress_bar.write if progress_bar else lambda s: print(s, file=out, flush=True))(
+                        f"job {status['job_id']} (run {status['run_name']}): {state}")
+                shown_state = state
+            if status.get("step") is not None:
+                if bar and progress_bar is None:
+                    total = _total_steps(status["storage"], status["run_name"], status) if status["storage"] else None
+                    progress_bar = tqdm(total=total, unit="step", file=out, dynamic_ncols=True,
+                                        desc=status["run_name"], initial=0)
+                if progress_bar is not None:
+                    progress_bar.update(max(0, status["step"] - progress_bar.n))
+                    progress_bar.set_postfix_str(describe(status), refresh=True)
+                elif status.get("epoch") != last_epoch or time.monotonic() - last_line > quiet_every:
+                    print(f"  {describe(status)}", file=out, flush=True)
+                    last_line, last_epoch = time.monotonic(), status.get("epoch")
+            if state in jobs.TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobError(f"job {job_id} is still {state} after {timeout:g} s; follow it with "
+                               f"'alexray logs --follow {job_id}'", exit_code=1)
+            time.sleep(poll)
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()

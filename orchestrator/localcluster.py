@@ -1,0 +1,173 @@
+"""A Ray cluster on this machine, bound to 127.0.0.1: started for the demo and the tests, and
+stopped without touching any other Ray cluster on the machine.
+
+``ray stop`` stops every Ray process of the user, so it is not used. Instead every process of
+the cluster is found by what it cannot hide: a marker variable in its environment (inherited by
+everything ``ray start`` spawns) or an open file in the cluster's own temp dir (Ray renames its
+workers, which overwrites what /proc shows of their environment, but they keep their logs open).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER = "ALEXRAY_LOCAL_CLUSTER"
+
+
+class ClusterStartError(RuntimeError):
+    """The local cluster did not come up; the message says why and what to do."""
+
+
+@dataclass
+class LocalCluster:
+    gcs_address: str  # host:port of the head (ray.init / RAY_ADDRESS)
+    dashboard_url: str | None  # http://127.0.0.1:port: the dashboard and Jobs API
+    temp_dir: str  # Ray's session files and logs
+    marker: str  # value of ALEXRAY_LOCAL_CLUSTER in every process of this cluster
+    token: str | None  # the auth token, when token auth is on
+    env: dict = field(default_factory=dict)  # environment the cluster runs with (HOME, token path...)
+
+    def pids(self) -> list[int]:
+        return cluster_pids(self)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_binary() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def start_local_cluster(num_cpus: int, dashboard: bool = True, token_auth: bool = True,
+                        env: dict | None = None, token_file: str | Path | None = None,
+                        temp_dir: str | None = None, timeout: float = 180.0) -> LocalCluster:
+    """Start a one-node Ray cluster listening on 127.0.0.1 only.
+
+    With ``token_auth`` a fresh token is written to ``token_file`` (default: in the temp dir,
+    mode 0600) and the cluster runs with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``
+    pointing at it; clients send it as a Bearer header. ``env`` is the base environment (default:
+    this process's, without any RAY_ADDRESS or token settings that would point elsewhere).
+    """
+    base = dict(os.environ if env is None else env)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        base.pop(name, None)
+    # Short: Ray's socket paths have a length limit, so not under a deep project directory.
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    marker = secrets.token_hex(8)
+    base.update({MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    token = None
+    if token_auth:
+        token = secrets.token_hex(32)
+        path = Path(token_file) if token_file else Path(temp_dir) / "auth_token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(token)
+        base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+    port = free_port()
+    command = [_ray_binary(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+               f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--metrics-export-port={free_port()}"]
+    dashboard_url = None
+    if dashboard:
+        dashboard_port = free_port()
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        command.append("--include-dashboard=false")
+    cluster = LocalCluster(f"127.0.0.1:{port}", dashboard_url, temp_dir, marker, token, base)
+    try:
+        done = subprocess.run(command, env=base, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_local_cluster(cluster)
+        raise ClusterStartError(f"'ray start' did not finish within {timeout:.0f} s; see the logs in {temp_dir}") from None
+    if done.returncode:
+        stop_local_cluster(cluster)
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise ClusterStartError(f"'ray start' failed: {(lines or ['no output'])[-1].strip()}")
+    if dashboard_url:
+        _wait_for_jobs_api(cluster, time.monotonic() + timeout)
+    return cluster
+
+
+def _wait_for_jobs_api(cluster: LocalCluster, deadline: float) -> None:
+    """The Jobs API comes up a little after 'ray start' returns."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {cluster.token}"} if cluster.token else {}
+    while True:
+        try:
+            if requests.get(f"{cluster.dashboard_url}/api/jobs/", headers=headers, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            stop_local_cluster(cluster)
+            raise ClusterStartError(f"Ray's Jobs API at {cluster.dashboard_url} did not come up; "
+                                    f"see {cluster.temp_dir}/session_latest/logs/dashboard.log")
+        time.sleep(0.5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True  # gone
+
+
+def cluster_pids(cluster: LocalCluster) -> list[int]:
+    """Live processes of the cluster (Linux /proc)."""
+    marker = f"{MARKER}={cluster.marker}".encode()
+    temp_dir = cluster.temp_dir.rstrip("/") + "/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or _is_zombie(int(entry.name)):
+            continue
+        try:
+            found = marker in (entry / "environ").read_bytes().split(b"\0")
+            if not found:
+                links = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+                found = any(link.startswith(temp_dir) for link in links)
+        except OSError:
+            continue
+        if found:
+            pids.append(int(entry.name))
+    return pids
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def stop_local_cluster(cluster: LocalCluster, remove_temp_dir: bool = True) -> list[str]:
+    """Stop exactly this cluster's processes (TERM, then KILL); returns any that survived."""
+    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        for pid in cluster_pids(cluster):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while cluster_pids(cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    left = [f"{pid} {command_line(pid)[:120]}" for pid in cluster_pids(cluster)]
+    if remove_temp_dir and not left:
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    return left
