@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps deps-prometheus deps-chromium test demo bench clean
 
 install: $(STAMP)
 
@@ -15,20 +15,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
-# Services the tests start themselves: Prometheus comes from Debian's package.
-system-deps:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+# A Debian package for a command that is missing: installed when run as root, else how to get it.
+define apt_need
+	@if ! command -v $(1) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
 	  else \
-	    echo "prometheus is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu) and retry" >&2; exit 2; \
+	    echo "$(1) is missing: run 'sudo apt-get install $(2)' (Debian/Ubuntu) and retry" >&2; exit 2; \
 	  fi; \
 	fi
+endef
+
+# Prometheus (Debian's package) scrapes the workers in the demo and the tests; Debian's chromium
+# loads the dashboard page headless in the metrics tests.
+deps-prometheus:
+	$(call apt_need,prometheus,prometheus)
+	$(call apt_need,promtool,prometheus)
+
+deps-chromium:
+	$(call apt_need,chromium,chromium)
+
+system-deps: deps-prometheus deps-chromium
 
 test: install system-deps
 	$(BIN)/python -m pytest -q
 
-demo: install
+demo: install deps-prometheus
 	$(BIN)/python -m orchestrator.demo --dir $(DEMO_DIR)
 
 bench: install system-deps

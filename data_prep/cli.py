@@ -60,6 +60,9 @@ def shard_parser(prog: str = "alexray shard") -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="write shards as Ray tasks on this cluster ('auto' or host:port); SRC must be readable on every node")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (images, bytes, rejects) on 127.0.0.1:PORT while sharding "
+                        "(0: any free port) and register them in ALEXRAY_PROMETHEUS_TARGETS_DIR")
     return p
 
 
@@ -98,7 +101,22 @@ def run_shard(argv: list[str]) -> int:
         max_pixels=args.max_pixels, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
         max_reject_fraction=args.max_reject_fraction, ray_address=args.ray, progress=not args.no_progress,
     )
-    _print_summary(shard_dataset(args.src, args.dest, config))
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import ShardMetrics, run_label
+
+        metrics = ShardMetrics(run_label(args.dest))
+        try:
+            url = metrics.serve(args.metrics_port)
+        except OSError as e:
+            raise ValueError(f"--metrics-port {args.metrics_port}: cannot listen there ({e.strerror}); "
+                             "pick another port or 0 for any free one") from None
+        print(f"alexray shard: metrics on {url}", file=sys.stderr, flush=True)
+    try:
+        _print_summary(shard_dataset(args.src, args.dest, config, metrics))
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

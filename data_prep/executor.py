@@ -130,7 +130,9 @@ class RayExecutor(Executor):
         self.ray = ray
         if not ray.is_initialized():
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        self._task = ray.remote(num_cpus=1, max_retries=3)(_ray_task)
+        # SPREAD: shard writing is bound by each node's disk and network, so use every node's.
+        self._task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_ray_task)
+        self.nodes: dict[str, int] = {}  # node id -> tasks it ran
 
     def run(self, fn, tasks, progress):
         ray = self.ray
@@ -139,12 +141,16 @@ class RayExecutor(Executor):
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
             for ref in done:
-                result, n_images, n_bytes = ray.get(ref)
+                result, n_images, n_bytes, node = ray.get(ref)
+                self.nodes[node] = self.nodes.get(node, 0) + 1
                 images, nbytes = images + n_images, nbytes + n_bytes
                 progress.update(images, nbytes)
                 yield refs.pop(ref), result
 
     def close(self) -> None:
+        if self.nodes:
+            print(f"alexray shard: {sum(self.nodes.values())} Ray tasks ran on {len(self.nodes)} node(s)",
+                  file=sys.stderr, flush=True)
         self.ray.shutdown()
 
 
@@ -155,8 +161,10 @@ def _ray_task(fn, kwargs):
         seen[0] += 1
         seen[1] += nbytes
 
+    import ray
+
     result = fn(on_sample=on_sample, **kwargs)
-    return result, seen[0], seen[1]
+    return result, seen[0], seen[1], ray.get_runtime_context().get_node_id()
 
 
 def make_executor(workers: int, ray_address: str | None) -> Executor:

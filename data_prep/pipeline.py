@@ -174,7 +174,8 @@ def _remove_stale(storage: Storage, plans: list[ShardPlan], keep: set[str]) -> N
             storage.delete(o.name)
 
 
-def shard_dataset(src: str | Path, dest: str, config: ShardConfig) -> ShardSummary:
+def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None) -> ShardSummary:
+    """``metrics``: a ``data_prep.metrics.ShardMetrics`` to count into, or None."""
     storage = open_storage(dest)
     dataset = scan_source(src, config.splits)
     storage.check_writable()
@@ -210,6 +211,9 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig) -> ShardSumma
                     accepted[split].append(planned_sample(f.key, f.relpath, f.class_index,
                                                           dataset.class_ids[f.class_index], f.size, probe, options))
         n_inputs = len(work) + sum(len(r) for r in dataset.rejects.values())
+        if metrics is not None:
+            for split, items in rejected.items():
+                metrics.rejected(split, len(items))
         _check_reject_fraction(rejected, n_inputs, config.max_reject_fraction)
 
         plans = [plan for split in sorted(accepted)
@@ -233,12 +237,16 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig) -> ShardSumma
         if isinstance(executor, RayExecutor):
             for _, result in executor.run(write_shard, tasks, bar):
                 results[result.name] = result
+                if metrics is not None:
+                    metrics.shard_written(result)
         else:
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as uploads:
                 published = []
                 for _, (result, path) in executor.run(build_shard, tasks, bar):
                     published.append(uploads.submit(publish_shard, storage, result, path))
                     results[result.name] = result
+                    if metrics is not None:
+                        metrics.shard_written(result)
                 for future in published:
                     future.result()
         seconds = bar.elapsed

@@ -22,13 +22,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "an SSH tunnel)")
 
 
+def _submitting(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it succeeded")
+    p.add_argument("--python", default=None,
+                   help="the interpreter that runs the job on the cluster (default: ALEXRAY_CLUSTER_PYTHON, else this "
+                        "one for a loopback address, else 'python'); give it when a tunnel makes a remote head look local")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="skip the CPU/GPU capacity check (an autoscaling cluster scaled to zero grows on demand)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alexray", add_help=False)
     sub = p.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit", help="validate, preflight and submit a training run")
     submit.add_argument("spec", metavar="SPEC.yaml")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it succeeded")
+    _submitting(submit)
     _common(submit)
     status = sub.add_parser("status", help="state, progress and newest checkpoint of a job (default: the newest)")
     status.add_argument("job", nargs="?", metavar="JOB", help="job id or run name")
@@ -46,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="change a field that does not define the job (epochs, lr, workers...)")
     resume.add_argument("--storage", default=None,
                         help="where the run lives (the spec's run.storage; default: from its last job on the cluster)")
-    resume.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it succeeded")
+    _submitting(resume)
     _common(resume)
     listing = sub.add_parser("list", help="alexray jobs on the cluster")
     listing.add_argument("--all", action="store_true", help="every job, not only alexray's")
@@ -75,13 +84,15 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "submit":
-            job_id, run_name = jobs.submit(args.spec, args.overrides, args.address, args.insecure)
+            job_id, run_name = jobs.submit(args.spec, args.overrides, args.address, args.insecure, python=args.python,
+                                           check_resources=not args.no_resource_check)
             print(f"job {job_id}\nrun {run_name}", flush=True)
             if args.wait:
                 return _follow_to_end(args, job_id)
         elif args.command == "resume":
             result = jobs.resume(args.address, args.run, args.overrides, storage=args.storage,
-                                 insecure=args.insecure)
+                                 insecure=args.insecure, python=args.python,
+                                 check_resources=not args.no_resource_check)
             start = (f"from {result['checkpoint']} (step {result['step']})" if result["checkpoint"]
                      else "from step 0 (it had no checkpoint yet)")
             print(f"job {result['job_id']}\nrun {result['run_name']}\nresumes {start}", flush=True)

@@ -5,8 +5,10 @@
 3. Start a Ray cluster bound to 127.0.0.1 with token auth on, its dashboard and Jobs API.
 4. Submit ``examples/digits.yaml`` through the Jobs API, the same path as a real cluster (2 CPU
    workers, a narrow AlexNet), and follow it: epoch, step, images/s, loss.
+   Prometheus (Debian's package) scrapes every worker while the job runs, and a dashboard page
+   plots throughput, data-wait, step time, loss and accuracy from it.
 5. Print the final val top-1, where the checkpoints are and where the metrics are served, then stop
-   the cluster and check that none of its processes is left.
+   Prometheus and the cluster and check that none of the cluster's processes is left.
 
 A second run reuses the dataset and the shards (``alexray shard`` finds them up to date).
 """
@@ -50,25 +52,48 @@ def prepare_data(base: Path) -> Path:
     return shards
 
 
+def start_monitoring(base: Path, cluster):
+    """Prometheus on the job's targets and Ray's own; None (and a note) when it is not installed."""
+    from .prometheus import PrometheusError, start_prometheus
+
+    try:
+        return start_prometheus(base / "prometheus", targets_dir=base / "prometheus-targets",
+                                ray_sd_file=f"{cluster.temp_dir}/prom_metrics_service_discovery.json",
+                                scrape_interval="2s", evaluation_interval="2s")
+    except PrometheusError as e:
+        say(f"no metrics dashboard: {e}")
+        return None
+
+
 def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
     from . import jobs
+    from .discovery import TARGETS_ENV
     from .follow import describe, follow
     from .localcluster import start_local_cluster, stop_local_cluster
 
     say("starting a local Ray cluster on 127.0.0.1 (token auth on)")
     started = time.monotonic()
-    cluster = start_local_cluster(num_cpus=4, token_file=base / "ray" / "auth_token")
+    # The job's driver publishes its workers' metrics endpoints where this demo's Prometheus looks.
+    env = {**os.environ, TARGETS_ENV: str(base / "prometheus-targets")}
+    cluster = start_local_cluster(num_cpus=4, env=env, token_file=base / "ray" / "auth_token")
     # This process talks to the cluster it started, whatever RAY_ADDRESS or token the shell has.
     os.environ["RAY_AUTH_TOKEN"] = cluster.token
-    code, job_id = 1, None
+    code, job_id, prometheus, dashboard = 1, None, None, None
     try:
         say(f"cluster up in {time.monotonic() - started:.0f} s: dashboard and Jobs API at {cluster.dashboard_url} "
             f"(token in {base / 'ray' / 'auth_token'}, Ray's files in {cluster.temp_dir})")
         overrides = [f"data.path={shards}", f"run.storage={base / 'runs'}", *overrides]
         job_id, run_name = jobs.submit(spec, overrides, cluster.dashboard_url)
         say(f"submitted job {job_id}, run {run_name} ({spec.name}: 2 CPU workers, narrow AlexNet)")
-        say(f"metrics: Ray's dashboard {cluster.dashboard_url}; follow with "
-            f"'alexray status {run_name} --address {cluster.dashboard_url}'")
+        prometheus = start_monitoring(base, cluster)
+        if prometheus is not None:
+            from .monitor import start_dashboard
+
+            dashboard = start_dashboard(prometheus.url, run=run_name)
+            say(f"dashboard: {dashboard.url} (Prometheus {prometheus.url}; in a terminal: "
+                f"alexray watch {run_name} --prometheus {prometheus.url})")
+        say(f"Ray's dashboard: {cluster.dashboard_url}; status: "
+            f"alexray status {run_name} --address {cluster.dashboard_url}")
         final = follow(cluster.dashboard_url, job_id)
         if final["status"] != "SUCCEEDED":
             say(f"job {job_id} {final['status']}: {jobs.failure_reason(final['message'])}")
@@ -80,6 +105,8 @@ def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
         say(f"final val top-1: {100 * top1:.1f}%" if top1 is not None else "final val top-1: not measured")
         say(f"newest checkpoint: {final['newest_checkpoint']}")
         say(f"best model: {final['run_dir']}/best; summary: {final['run_dir']}/summary.json")
+        if prometheus is not None:
+            say(f"metrics were served by every worker and scraped into {prometheus.workdir}/data")
         code = 0
     except KeyboardInterrupt:
         say("interrupted: stopping the job and the cluster")
@@ -90,6 +117,10 @@ def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
                 pass
         code = 130
     finally:
+        if dashboard is not None:
+            dashboard.stop()
+        if prometheus is not None:
+            prometheus.stop()
         left = stop_local_cluster(cluster)
         if left:
             say(f"could not stop these Ray processes: {left}")

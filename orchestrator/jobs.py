@@ -33,8 +33,9 @@ through the ``RAY_ADDRESS`` that Ray's job supervisor sets for every entrypoint 
 workers`` would train without Ray). ``PYTHON`` is this interpreter (``sys.executable``) when the
 cluster is on loopback: a local cluster started from a virtualenv runs entrypoints with whatever
 ``python`` its PATH finds, which need not be the one with alexray installed. For a remote cluster
-it is ``python``: the nodes need alexray installed in the interpreter on their PATH (or pass
-``python=``). The working directory becomes the current directory of the driver and of every
+it is ``python``: the nodes need alexray installed in the interpreter on their PATH. A remote
+cluster reached through an SSH tunnel looks local: name its interpreter with ``python=``
+(``--python``) or ``ALEXRAY_CLUSTER_PYTHON``. The working directory becomes the current directory of the driver and of every
 worker of the job, which is why local paths are made absolute first; local paths must name the
 same place on this machine and on the nodes (a shared file system), else use ``s3://``.
 
@@ -72,6 +73,7 @@ SPEC_FILE = "job-spec.yaml"
 RUN_KEY = "alexray_run"
 STORAGE_KEY = "alexray_storage"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+PYTHON_ENV = "ALEXRAY_CLUSTER_PYTHON"  # the interpreter that runs the entrypoint on the cluster
 TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (print it with 'ray get-auth-token' on the head), "
               "or point RAY_AUTH_TOKEN_PATH at a file holding it")
 
@@ -332,6 +334,8 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     check_secure(address, insecure)
     spec.data.path = _absolute(spec.data.path)
     spec.run.storage = _absolute(spec.run.storage)
+    if spec.finetune.from_checkpoint:
+        spec.finetune.from_checkpoint = _absolute(spec.finetune.from_checkpoint)
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)
     job_client = client(address, insecure)
@@ -339,7 +343,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
 
     data = spec.to_dict()
     spec_from_dict(data)  # what the cluster will read back must still be a valid spec
-    interpreter = python or (sys.executable if is_loopback(address) else "python")
+    interpreter = python or os.environ.get(PYTHON_ENV) or (sys.executable if is_loopback(address) else "python")
     entrypoint = f"{shlex.quote(interpreter)} -u -m orchestrator.cli train {SPEC_FILE}"
     metadata = {RUN_KEY: spec.run.name, STORAGE_KEY: spec.run.storage}
     # Ray logs every package upload at INFO; the job id printed by the caller says enough.
@@ -363,7 +367,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
 
 def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage: str | None = None,
            insecure: bool = False, wait: bool = False, python: str | None = None,
-           timeout: float | None = None) -> dict:
+           check_resources: bool = True, timeout: float | None = None) -> dict:
     """Resubmit the run ``run_name`` so that it continues from its newest checkpoint.
 
     The run's storage comes from ``storage`` or from the metadata of its newest job on the cluster;
@@ -404,7 +408,8 @@ def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage
         raise JobError(f"run {run_name!r} already finished ({progress['step']} steps, see {run_dir}/summary.json); "
                        "to train it further, resume with --set train.epochs=N")
     spec["run"] = {**spec.get("run", {}), "name": run_name, "storage": storage}
-    job_id, _ = submit(spec, overrides, address, insecure, wait=wait, python=python, timeout=timeout)
+    job_id, _ = submit(spec, overrides, address, insecure, wait=wait, python=python,
+                       check_resources=check_resources, timeout=timeout)
     step = None
     if progress["newest_checkpoint"]:
         step = int(progress["newest_checkpoint"].rsplit("_s", 1)[1])
@@ -468,9 +473,15 @@ def run_progress(storage: str, run_name: str) -> dict:
         out["progress_time"] = progress.get("time")
         attempts = [o for o in store.list("attempts/") if o.name.endswith(".json")]
         out["restarts"] = max(0, len(attempts) - 1) if attempts else None
+        # The newest checkpoint Ray has registered is the one a restart or 'alexray resume' continues
+        # from; a newer directory may exist whose report Ray had not taken when the job stopped.
+        registered = ((read("checkpoint_manager_snapshot.json") or {}).get("latest_checkpoint_result") or {})
         checkpoints = sorted({o.name.split("/")[0] for o in store.list("checkpoint_")
                               if o.name.endswith("/complete.json") and o.name.count("/") == 1})
-        out["newest_checkpoint"] = f"{run_dir}/{checkpoints[-1]}" if checkpoints else None
+        newest = registered.get("checkpoint_dir_name")
+        if newest not in checkpoints:
+            newest = checkpoints[-1] if checkpoints else None
+        out["newest_checkpoint"] = f"{run_dir}/{newest}" if newest else None
         best = read("best/metrics.json") or {}
         out["best_top1"] = best.get("val_top1")
         summary = read("summary.json")

@@ -32,6 +32,21 @@ def _processes_using(directory: str) -> list[str]:
     return found
 
 
+def _prometheus_samples(workdir: Path, metric: str) -> dict[str, float]:
+    """The highest value per rank of ``metric`` in the demo's Prometheus data, read with promtool."""
+    out = subprocess.run(["promtool", "tsdb", "dump", "--match", f'{{__name__="{metric}"}}', str(workdir / "data")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    values = {}
+    for line in out.stdout.splitlines():  # {__name__="...", rank="0", ...} value timestamp
+        labels, value = line.rsplit("}", 1)
+        rank = re.search(r'rank="(\d+)"', labels)
+        number = float(value.split()[0])
+        if rank and number == number:  # NaN: the staleness marker written when the worker went away
+            values[rank.group(1)] = max(number, values.get(rank.group(1), 0.0))
+    return values
+
+
 def _field(pattern: str, text: str) -> str:
     match = re.search(pattern, text)
     assert match, f"{pattern!r} not in the demo's output:\n{text[-3000:]}"
@@ -53,6 +68,11 @@ def test_the_demo_trains_digits_above_90_percent_and_cleans_up(tmp_path):
     assert "dashboard and Jobs API at http://127.0.0.1:" in out
     temp_dir = _field(r"Ray's files in (\S+)\)", out)
     assert not Path(temp_dir).exists() and not _processes_using(temp_dir)
+    # Prometheus ran beside the job, scraped the workers, and is gone too.
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ \(Prometheus http://127\.0\.0\.1:\d+", out), out[-3000:]
+    assert any((base / "prometheus" / "data").rglob("*")) and not _processes_using(str(base / "prometheus"))
+    samples = _prometheus_samples(base / "prometheus", "alexray_train_images_total")
+    assert sorted(samples) == ["0", "1"] and min(samples.values()) > 500, samples  # each rank's images, scraped live
 
     manifest = base / "shards" / "manifest.json"
     written = manifest.stat().st_mtime_ns

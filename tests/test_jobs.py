@@ -14,7 +14,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import requests
 from orchestrator import jobs
 from orchestrator.jobs import JobError
 from orchestrator.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
+from tests.support.waiting import wait_until
 from tests.trainingtools import sharded_digits, write_spec
 
 def _free_port() -> int:
@@ -82,15 +82,7 @@ def _small_spec(tmp_path: Path, digits: Path, storage: str, name: str = "spec.ya
     return write_spec(tmp_path / name, str(digits), storage, **sections)
 
 
-def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
+_wait = wait_until
 
 
 # --- no cluster needed --------------------------------------------------------------------------
@@ -328,7 +320,7 @@ def test_wait_reports_a_failed_job(token_env, digits, tmp_path):
 
 
 def test_unknown_job_is_a_clear_error(token_env):
-    with pytest.raises(JobError, match=r"no job or run 'nope' on the cluster at .*: list them with 'alexray jobs'"):
+    with pytest.raises(JobError, match=r"no job or run 'nope' on the cluster at .*: list them with 'alexray list'"):
         jobs.status(token_env["address"], "nope")
 
 
@@ -411,3 +403,39 @@ def test_stock_ray_job_submit_with_the_documented_entrypoint(token_env, digits, 
     assert "succeeded" in proc.stdout and '"run_name": "stock-cli"' in proc.stdout
     summary = json.loads((tmp_path / "runs" / "stock-cli" / "summary.json").read_text())
     assert summary["steps"] == 4
+
+
+def test_preflight_checks_s3_with_the_submitters_credentials(token_env, digits, tmp_path, s3_bucket, monkeypatch):
+    address = token_env["address"]
+    before = len(jobs.list_jobs(address, all_jobs=True))
+    cases = [
+        (dict(dataset="s3://no-such-bucket-here/digits"), r"^data.path: .*no-such-bucket-here"),
+        (dict(dataset=f"s3://{s3_bucket}/nothing-here"), r"^data.path: no manifest.json in s3://"),
+        (dict(storage="s3://no-such-bucket-here/runs"), r"^run.storage: .*no-such-bucket-here"),
+    ]
+    for where, pattern in cases:
+        spec = _small_spec(tmp_path, where.get("dataset", digits), where.get("storage", f"s3://{s3_bucket}/runs"))
+        with pytest.raises(JobError, match=pattern) as e:
+            jobs.submit(spec, [], address)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + secrets.token_hex(8))
+    spec = _small_spec(tmp_path, digits, f"s3://{s3_bucket}/runs")
+    with pytest.raises(JobError, match=r"^run.storage: .*(credentials|signature|denied)") as e:
+        jobs.submit(spec, [], address)
+    assert "wrong-" not in str(e.value)
+    assert len(jobs.list_jobs(address, all_jobs=True)) == before
+
+
+def test_submit_python_names_the_clusters_interpreter(token_env, digits, tmp_path, monkeypatch):
+    """Through a tunnel a remote head looks local: --python (or ALEXRAY_CLUSTER_PYTHON) names its interpreter."""
+    from tests.shardtools import error_line, run_alexray
+
+    address = token_env["address"]
+    spec = _small_spec(tmp_path, digits, str(tmp_path / "runs"))
+    proc = run_alexray("submit", spec, "--address", address, "--python", tmp_path / "cluster-python", "--wait",
+                       timeout=120)
+    assert proc.returncode == 1 and "cluster-python: not found" in error_line(proc), proc.stderr[-2000:]
+    monkeypatch.setenv("ALEXRAY_CLUSTER_PYTHON", str(tmp_path / "env-python"))
+    job_id, _ = jobs.submit(spec, [], address)
+    assert jobs.client(address).get_job_info(job_id).entrypoint.startswith(f"{tmp_path / 'env-python'} -u -m")
+    assert jobs.wait_for(address, job_id, timeout=60) == "FAILED"

@@ -179,6 +179,12 @@ def test_spec_overrides_apply_after_the_file(tmp_path):
 
     path = tmp_path / "spec.yaml"
     path.write_text("data: {path: /data}\ntrain: {epochs: 5, lr: 0.02}\n")
-    spec = load_spec(path, ["train.epochs=7", "scaling.num_workers=[2, 4]", "data.val_split=null"])
+    spec = load_spec(path, ["train.epochs=7", "scaling.num_workers=[2, 4]", "data.val_split=null",
+                            "train.global_batch_size=96"])
     assert (spec.train.epochs, spec.train.lr, spec.scaling.num_workers, spec.data.val_split) == (7, 0.02, [2, 4], None)
+    # an elastic run may take any size in its range: 128 does not divide by 3
+    with pytest.raises(ValueError, match=r"^train.global_batch_size: 128 is not divisible by 3 workers"):
+        load_spec(path, ["scaling.num_workers=[2, 4]"])
+    with pytest.raises(ValueError, match=r"^data.image_size: 32 is too small for alexnet; use at least 64"):
+        load_spec(path, ["data.image_size=32", "data.eval_resize=32"])
     assert spec.train.momentum == 0.9 and spec.train.weight_decay == 5e-4  # the paper's defaults

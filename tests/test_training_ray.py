@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.shardtools import start_alexray
+from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
 
 
@@ -28,13 +29,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
 
 
 def _wait_for(predicate, proc, timeout=240, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {what}:\n{proc.communicate()[1][-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(predicate, timeout, what, proc, lambda p: p.communicate()[1][-4000:], poll=0.05)
 
 
 def _progress_step(run_dir: Path) -> int:

@@ -43,12 +43,30 @@ def read_json(path: Path):
 def sample_log(run_dir: Path) -> dict[int, Counter]:
     """epoch -> how many times each sample key was trained on, from the debug sample log.
 
-    A step redone after a restart rewrites the same log file, so counts above 1 mean a sample was
-    really used twice in the epoch.
+    A step redone after a restart is logged again under the new attempt (and world size, which may
+    differ in an elastic run); only the highest attempt's record of a step counts, as only its
+    work survived. Counts above 1 mean a sample was really used twice in the epoch.
     """
-    per_epoch: dict[int, Counter] = {}
+    kept: dict[tuple[int, int], tuple[int, list[list[str]]]] = {}  # (epoch, step) -> (attempt, keys per rank)
     for path in sorted((run_dir / "samples").glob("*.json")):
-        epoch = int(path.name[1:5])
+        epoch, attempt = int(path.name[1:5]), int(path.name.split("-a")[1][:4])
         for entry in read_json(path):
-            per_epoch.setdefault(epoch, Counter()).update(entry["keys"])
+            key = (epoch, entry["step"])
+            if key not in kept or kept[key][0] < attempt:
+                kept[key] = (attempt, [])
+            if kept[key][0] == attempt:
+                kept[key][1].append(entry["keys"])
+    per_epoch: dict[int, Counter] = {}
+    for (epoch, _), (_, parts) in kept.items():
+        for keys in parts:
+            per_epoch.setdefault(epoch, Counter()).update(keys)
     return per_epoch
+
+
+def steps_by_world_size(run_dir: Path) -> dict[int, set[int]]:
+    """world size -> the (global-batch) steps trained at that size, from the sample log file names."""
+    out: dict[int, set[int]] = {}
+    for path in (run_dir / "samples").glob("*.json"):
+        world = int(path.name.split("-w")[1].split("-")[0])
+        out.setdefault(world, set()).update(entry["step"] for entry in read_json(path))
+    return out

@@ -166,12 +166,14 @@ class BackgroundWriter:
     files and then calls the ``publish`` given to ``start`` on the caller's thread (Ray's report
     must come from the training thread, on every rank at the same step). The training loop
     calls ``finish`` at the first step at which every rank's files are ``written``.
+    ``on_written(seconds, bytes)`` is called on the writer thread after each successful write.
     """
 
-    def __init__(self):
+    def __init__(self, on_written=None):
         self._thread: threading.Thread | None = None
         self._publish = None
         self._error: BaseException | None = None
+        self._on_written = on_written
 
     def start(self, directory: str, rank: int, state: TrainState, model_state: dict | None,
               optimizer_state: dict | None, publish, delay_before_complete: float = 0.0) -> None:
@@ -190,7 +192,14 @@ class BackgroundWriter:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             except (AttributeError, OSError):
                 pass
+            started = time.perf_counter()
             save(*args)
+            if self._on_written is not None:
+                try:  # a monitoring hook never fails a checkpoint
+                    self._on_written(time.perf_counter() - started,
+                                     sum(p.stat().st_size for p in Path(args[0]).iterdir() if p.is_file()))
+                except Exception:  # noqa: BLE001
+                    pass
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by finish()
             self._error = e
 

@@ -87,11 +87,14 @@ class ScalingSpec:
     num_workers: int | list[int] = 2  # training workers, or [min, max] for an elastic run
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # CPUs reserved per worker (its DataLoader processes run beside it)
+    resize_interval_s: float = 60.0  # elastic runs: seconds between Ray's looks for room to grow the group
 
 
 @dataclass
 class FailureSpec:
     max_failures: int = 3  # worker-group restarts before the run fails
+    max_preemptions: int = -1  # node preemptions recovered from, apart from max_failures (-1: no limit)
+    preemption_check_steps: int = 10  # ask Ray this often (steps) whether a node is going; a notice checkpoints at once
 
 
 @dataclass
@@ -99,6 +102,13 @@ class DebugSpec:
     sample_log: bool = False  # record the sample keys every rank trains on, per step (exactly-once checks)
     step_delay: float = 0.0  # seconds slept after each step (tests that kill a run mid-epoch)
     checkpoint_delay: float = 0.0  # seconds slept before a checkpoint is marked complete (crash tests)
+
+
+@dataclass
+class FinetuneSpec:
+    from_checkpoint: str | None = None  # checkpoint or run dir (local, s3://) to start from; None: from scratch
+    freeze_features: bool = False  # keep the convolutional layers as loaded; only the classifier trains
+    backbone_lr_mult: float = 1.0  # lr of the convolutional layers as a fraction of the schedule's (e.g. 0.1)
 
 
 @dataclass
@@ -111,6 +121,7 @@ class JobSpec:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     failure: FailureSpec = field(default_factory=FailureSpec)
     debug: DebugSpec = field(default_factory=DebugSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,6 +268,9 @@ def validate(spec: JobSpec) -> JobSpec:
         raise SpecError(f"data.min_crop_area: must be in (0, 1], got {d.min_crop_area}")
     if not 0 <= d.lighting_std <= 1:
         raise SpecError(f"data.lighting_std: must be in [0, 1], got {d.lighting_std}")
+    smallest = {"alexnet": 64, "alexnet_tv": 64}.get(spec.model.name)  # below, the pooling shrinks maps to nothing
+    if smallest and d.image_size < smallest:
+        raise SpecError(f"data.image_size: {d.image_size} is too small for {spec.model.name}; use at least {smallest}")
     if d.eval_resize < d.image_size:
         raise SpecError(f"data.eval_resize: {d.eval_resize} is smaller than data.image_size {d.image_size}")
     if not d.path:
@@ -281,10 +295,27 @@ def validate(spec: JobSpec) -> JobSpec:
     if t.global_batch_size % d.streams:
         raise SpecError(f"data.streams: {d.streams} must divide train.global_batch_size {t.global_batch_size}")
     lo, hi = spec.worker_range()
-    for workers in {lo, hi}:
+    for workers in range(lo, hi + 1):  # an elastic run may take any size in its range
         if t.global_batch_size % workers:
             raise SpecError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                             f"{workers} workers (scaling.num_workers); pick a multiple")
+    if s.resize_interval_s <= 0:
+        raise SpecError(f"scaling.resize_interval_s: must be positive, got {s.resize_interval_s}")
+    if spec.failure.max_preemptions < -1:
+        raise SpecError(f"failure.max_preemptions: must be -1 (unlimited) or more, got {spec.failure.max_preemptions}")
+    if spec.failure.preemption_check_steps < 0:
+        raise SpecError(f"failure.preemption_check_steps: must not be negative (0: never ask), "
+                        f"got {spec.failure.preemption_check_steps}")
+    f = spec.finetune
+    if f.from_checkpoint is not None and not f.from_checkpoint.strip():
+        raise SpecError("finetune.from_checkpoint: empty; give a checkpoint or run directory, or null for scratch")
+    if not 0 < f.backbone_lr_mult <= 10:
+        raise SpecError(f"finetune.backbone_lr_mult: must be in (0, 10], got {f.backbone_lr_mult} "
+                        "(to keep the layers fixed, set finetune.freeze_features: true)")
+    if f.from_checkpoint is None and (f.freeze_features or f.backbone_lr_mult != 1.0):
+        which = "freeze_features" if f.freeze_features else "backbone_lr_mult"
+        raise SpecError(f"finetune.{which}: only applies with finetune.from_checkpoint "
+                        "(alexray finetune SPEC.yaml --from CHECKPOINT)")
     if spec.run.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", spec.run.name):
         raise SpecError(f"run.name: {spec.run.name!r} must be letters, digits, '_', '.', '-' (at most 128)")
     return spec

@@ -89,6 +89,8 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.discovery import TargetPublisher
+
     from .train import train_func
 
     run_dir = prepare_run(spec)
@@ -107,11 +109,14 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
         train_loop_config={"spec": spec.to_dict(), "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=spec.scaling.resize_interval_s),
         run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                             failure_config=FailureConfig(max_failures=spec.failure.max_failures,
+                                                          max_preemption_failures=spec.failure.max_preemptions),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
     )
     log.warning("run %s: %s", spec.run.name, run_dir)
-    trainer.fit()
+    with TargetPublisher(spec.run.name):  # Prometheus finds the workers through this driver (see discovery)
+        trainer.fit()
     return RunStore(run_dir).read_json("summary.json") or {}

@@ -4,7 +4,7 @@
 - ``attempts/NNNN.json``: one per start of the worker group (restarts = count - 1);
 - ``progress.json``: the latest metrics (epoch, step, loss, images/s), for ``alexray status``;
 - ``best/``: the model with the best val top-1 so far (complete.json written last);
-- ``samples/``: with ``debug.sample_log``, the sample keys each rank trained on, per step;
+- ``samples/``: with ``debug.sample_log``, the sample keys each rank trained on, per step and attempt;
 - ``summary.json``: written at the end (epochs, steps, samples, top-1/5, images/s, wall time,
   restarts, final weights sha256).
 """
@@ -49,10 +49,12 @@ class RunStore:
     def write_progress(self, metrics: dict) -> None:
         self._write_json("progress.json", {**metrics, "time": time.time()})
 
-    def flush_sample_log(self, rank: int, world: int, epoch: int, entries: list[dict]) -> None:
+    def flush_sample_log(self, rank: int, world: int, epoch: int, entries: list[dict], attempt: int = 0) -> None:
+        """Steps redone after a restart are logged again under the new attempt: for each step, the
+        highest attempt that logged it is the one whose work the run kept."""
         if entries:
             first = entries[0]["step"]
-            self._write_json(f"samples/e{epoch:04d}-s{first:06d}-w{world}-r{rank}.json", entries)
+            self._write_json(f"samples/e{epoch:04d}-s{first:06d}-a{attempt:04d}-w{world}-r{rank}.json", entries)
 
     def write_best(self, model_state: dict, state: ckpt.TrainState, metrics: dict) -> None:
         self.storage.delete(f"best/{ckpt.COMPLETE}")  # the old best stops counting before it is replaced

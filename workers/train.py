@@ -24,6 +24,8 @@ from . import checkpoint as ckpt
 from .config import JobSpec, spec_from_dict
 from .config import run_identity as identity
 from .data import eval_batches, load_manifest, split_info, train_batches
+from .finetune import load_backbone, param_groups
+from .metrics import worker_metrics
 from .models import build_model
 from .runstore import RunStore
 from .sampling import plan_epoch
@@ -45,6 +47,10 @@ class Session:
 
     def save_checkpoint(self, directory: str, name: str, metrics: dict, async_upload: bool) -> None:
         raise NotImplementedError
+
+    def preemption_notice(self):
+        """Something true when a node of this run announced it is going away (same on every rank)."""
+        return None
 
 
 class RaySession(Session):
@@ -68,6 +74,10 @@ class RaySession(Session):
         self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(directory),
                           checkpoint_dir_name=name, checkpoint_upload_mode=mode,
                           delete_local_checkpoint_after_upload=True)
+
+    def preemption_notice(self):
+        # A barrier: every rank asks at the same step and gets the same answer.
+        return self.train.get_preemption_info()
 
 
 class LocalSession(Session):
@@ -214,7 +224,8 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
     model = build_model(spec.model.name, num_classes, spec.model.width, **model_kwargs(spec))
     model.to(session.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     base_lr = t.lr * (t.global_batch_size / t.base_batch_size if t.lr_scaling == "linear" else 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(model, spec), lr=base_lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay)
     steps_per_epoch = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, 0).steps
     schedule = LRSchedule(spec, base_lr, steps_per_epoch)
     state = ckpt.TrainState(identity=identity(spec), world_size=world,
@@ -242,8 +253,13 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
             log.warning("resumed from step %d (epoch %d, step %d of it)", state.global_step, state.epoch,
                         state.step_in_epoch)
     else:
+        if spec.finetune.from_checkpoint:  # a fresh fine-tuning run; a resumed one has its own weights
+            load_backbone(model, spec)
         torch.manual_seed(t.seed * 1000 + rank)  # dropout differs per rank, reproducibly
     attempt = store.begin_attempt(rank, resumed_from=state.global_step if restored else None)
+    attempt = int(_all_reduce([attempt], session.device)[0])  # rank 0 counted the starts; every rank labels with it
+    meter = worker_metrics(spec, rank, world, attempt, steps_per_epoch, session.device,
+                           on_ray=isinstance(session, RaySession))
 
     train_model = model
     if world > 1:
@@ -256,10 +272,12 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         train_model = torch.compile(train_model)
     model.train()
 
-    writer = ckpt.BackgroundWriter()
+    writer = ckpt.BackgroundWriter(on_written=meter.checkpoint_written)
 
-    def save_checkpoint(metrics: dict) -> None:
-        """Snapshot now, write on a thread, report to Ray at the next step (writer.finish)."""
+    def save_checkpoint(metrics: dict, now: bool = False) -> None:
+        """Snapshot now, write on a thread, report to Ray at the next step (writer.finish).
+
+        ``now``: write, upload and report before returning (a node is about to go)."""
         state.schedule = schedule.state_dict()
         state.metrics = metrics
         directory = tempfile.mkdtemp(prefix="alexray-ckpt-")
@@ -267,21 +285,23 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
         writer.start(directory, rank, state, model.state_dict() if rank == 0 else None,
                      optimizer.state_dict() if rank == 0 else None,
-                     lambda: session.save_checkpoint(directory, name, report, spec.checkpoint.async_upload),
+                     lambda: session.save_checkpoint(directory, name, report, spec.checkpoint.async_upload and not now),
                      spec.debug.checkpoint_delay)
+        if now:
+            writer.finish()
 
-    finished = False
+    finished, preempted = False, False
     for epoch in range(state.epoch, t.epochs):
         plan = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
         start_step = state.step_in_epoch if epoch == state.epoch else 0
         state.epoch, state.step_in_epoch = epoch, start_step
         window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
         sample_log: list[dict] = []
-        for batch in train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
-                                   d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area):
+        for batch in meter.timed(train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
+                                               d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area)):
             lr = schedule.lr(epoch, batch.step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
             images = batch.images.to(session.device, non_blocking=True)
             labels = batch.labels.to(session.device, non_blocking=True)
             x = to_model_input(images, batch.alphas if d.lighting_std > 0 else None, channels_last)
@@ -298,7 +318,9 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
             state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
             state.samples_seen += t.global_batch_size
             window_images += len(labels)
-            loss_sum, loss_count, skipped = loss_sum + loss.item(), loss_count + 1, skipped + batch.skipped
+            loss_value = loss.item()
+            loss_sum, loss_count, skipped = loss_sum + loss_value, loss_count + 1, skipped + batch.skipped
+            meter.trained(len(labels), loss_value, lr, epoch, state.global_step, batch.skipped)
             if spec.debug.sample_log:
                 sample_log.append({"step": batch.step, "keys": batch.keys})
             if spec.debug.step_delay:
@@ -317,17 +339,28 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
                 window_start, window_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             every = spec.checkpoint.every_steps
             if every and state.global_step % every == 0 and not at_end:
-                store.flush_sample_log(rank, world, epoch, sample_log)
+                store.flush_sample_log(rank, world, epoch, sample_log, attempt)
                 sample_log = []
                 save_checkpoint(state.metrics)
+            check = spec.failure.preemption_check_steps
+            if check and state.global_step % check == 0 and not at_end and not preempted:
+                preempted = bool(session.preemption_notice())
+                if preempted:  # a spot reclaim or a drain: keep this step's work before the node goes
+                    if rank == 0:
+                        log.warning("a node of this run is being preempted: checkpointing at step %d now",
+                                    state.global_step)
+                    store.flush_sample_log(rank, world, epoch, sample_log, attempt)
+                    sample_log = []
+                    save_checkpoint(state.metrics, now=True)
             if state.global_step == t.max_steps:
                 finished = True
                 break
-        store.flush_sample_log(rank, world, epoch, sample_log)
+        store.flush_sample_log(rank, world, epoch, sample_log, attempt)
         epoch_done = state.step_in_epoch == plan.steps
         metrics = dict(state.metrics)
         if epoch_done and val_split is not None:
             metrics.update(evaluate(model, spec, val_split, session, use_bf16, channels_last))
+            meter.evaluated(metrics)
             schedule.end_epoch(metrics["val_top1"])
             if metrics["val_top1"] > state.best_top1:
                 state.best_top1 = metrics["val_top1"]
@@ -349,6 +382,7 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
             break
 
     writer.finish()
+    meter.close()
     summary = None
     if rank == 0:
         weights = model.state_dict()

@@ -607,12 +607,13 @@ def make_kaggle_val_layout(root: str | Path, classes: int | Sequence[str] = 3, t
 
 
 def write_digits_dataset(root: str | Path, train_per_class: int, val_per_class: int, size: int = 32,
-                         seed: int = 0, quality: int = 92) -> DatasetInfo:
-    """The demo's handwritten-digits dataset (``data_prep.demo_data``), described as a DatasetInfo."""
+                         seed: int = 0, quality: int = 92, classes: Iterable[int] | None = None) -> DatasetInfo:
+    """The demo's handwritten-digits dataset (``data_prep.demo_data``), described as a DatasetInfo;
+    ``classes`` keeps only those digits."""
     from data_prep.demo_data import write_digits_dataset as write
 
-    splits = write(root, train_per_class, val_per_class, size=size, seed=seed, quality=quality)
-    names = [str(d) for d in range(10)]
+    splits = write(root, train_per_class, val_per_class, size=size, seed=seed, quality=quality, classes=classes)
+    names = [str(d) for d in sorted(range(10) if classes is None else set(classes))]
     return DatasetInfo(root=Path(root), classes=names, splits=splits, synsets={n: n for n in names},
                        layout="imagefolder")
 

@@ -1,0 +1,188 @@
+"""How Prometheus finds every alexray metrics endpoint without anyone editing its configuration.
+
+Every training worker (and ``alexray shard --metrics-port``) serves ``/metrics`` on a port the OS
+picks, on its node's address. Prometheus reads the endpoints from **file_sd** files in one
+directory, the *targets directory* (``ALEXRAY_PROMETHEUS_TARGETS_DIR``, default
+``/tmp/alexray/prometheus-targets``), which Prometheus watches and re-reads by itself:
+
+- On a Ray cluster each worker registers ``{address, run, rank, node}`` in the cluster's GCS
+  key-value store (namespace ``alexray_metrics``, key ``RUN/RANK``): the store every node can
+  reach, the same mechanism Ray uses for its own dashboard and autoscaler metrics addresses. The
+  job's driver runs a ``TargetPublisher`` thread that mirrors its run's keys into
+  ``TARGETS_DIR/RUN.json`` once a second, and removes the file and the keys when the run ends. So
+  Prometheus runs where the driver runs: the head node for jobs sent with ``alexray submit``.
+- A process without Ray (``python -m workers train``, ``alexray shard``) writes its own
+  ``TARGETS_DIR/local-NAME-PID.json``; files of processes that died are pruned.
+
+Each target carries the labels ``run``, ``rank``, ``node`` and ``instance=RUN/RANK``: a restarted
+worker comes back on a new port but as the same series, so counters and rates continue across
+restarts. This module imports neither torch nor, until a function needs it, Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("alexray.metrics")
+
+TARGETS_ENV = "ALEXRAY_PROMETHEUS_TARGETS_DIR"
+DEFAULT_TARGETS_DIR = "/tmp/alexray/prometheus-targets"
+ENABLE_ENV = "ALEXRAY_METRICS"  # "0" turns every alexray metrics endpoint off
+KV_NAMESPACE = "alexray_metrics"
+_LOCAL = re.compile(r"^local-.*-(\d+)\.json$")
+
+
+def targets_dir() -> Path:
+    return Path(os.environ.get(TARGETS_ENV, "").strip() or DEFAULT_TARGETS_DIR)
+
+
+def metrics_enabled() -> bool:
+    return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a run name (run names are already restricted; shard runs are not)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:120] or "run"
+
+
+def target_entry(address: str, labels: dict) -> dict:
+    return {"targets": [address], "labels": {k: str(v) for k, v in labels.items()}}
+
+
+def write_targets(path: Path, entries: list[dict]) -> None:
+    """Atomically: Prometheus re-reads the file on change and must never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune_dead_local_targets(directory: Path | None = None) -> list[Path]:
+    """Remove ``local-*-PID.json`` files whose process is gone (killed before it could clean up)."""
+    directory = directory or targets_dir()
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = _LOCAL.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class LocalTarget:
+    """A target file for one process without Ray; removed by ``remove()`` or at exit."""
+
+    def __init__(self, name: str, address: str, labels: dict):
+        self.path = targets_dir() / f"local-{safe_name(name)}-{os.getpid()}.json"
+        try:
+            prune_dead_local_targets(self.path.parent)
+            write_targets(self.path, [target_entry(address, labels)])
+        except OSError as e:
+            log.warning("metrics: cannot write %s (%s); set %s to a writable directory", self.path, e, TARGETS_ENV)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# --- Ray: workers register in the GCS, the driver writes the file ----------------------------
+
+def register_ray_target(run: str, rank: int, world_size: int, address: str, labels: dict) -> None:
+    """Called by each training worker; overwrites the entry of the worker it replaces."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    value = {"address": address, "labels": labels, "world_size": world_size, "started": time.time()}
+    _internal_kv_put(f"{run}/{rank}", json.dumps(value), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def ray_targets(run: str) -> list[dict]:
+    """file_sd entries for a run's registered workers, newest worker group only."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    found = []
+    for key in _internal_kv_list(f"{run}/", namespace=KV_NAMESPACE):
+        raw = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        if raw:
+            found.append(json.loads(raw))
+    if not found:
+        return []
+    # An elastic restart with fewer workers leaves the higher ranks' entries behind: drop them.
+    world = max(found, key=lambda v: v["started"])["world_size"]
+    entries = [target_entry(v["address"], v["labels"]) for v in found if int(v["labels"]["rank"]) < world]
+    return sorted(entries, key=lambda e: int(e["labels"]["rank"]))
+
+
+def forget_ray_targets(run: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(f"{run}/", del_by_prefix=True, namespace=KV_NAMESPACE)
+
+
+class TargetPublisher:
+    """Driver side: keep ``TARGETS_DIR/RUN.json`` equal to the run's registered workers.
+
+    Use as a context manager around the trainer's ``fit()``. Failures to reach the store or to
+    write the file are logged once and never stop the job.
+    """
+
+    def __init__(self, run: str, interval: float = 1.0):
+        self.run, self.interval = run, interval
+        self.path = targets_dir() / f"{safe_name(run)}.json"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="alexray-metrics-targets", daemon=True)
+        self._last: str | None = None
+        self._warned = False
+
+    def __enter__(self) -> "TargetPublisher":
+        if metrics_enabled():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def publish_once(self) -> None:
+        entries = ray_targets(self.run)
+        text = json.dumps(entries, sort_keys=True)
+        if text != self._last:
+            write_targets(self.path, entries)
+            self._last = text
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.publish_once()
+            except Exception as e:  # noqa: BLE001 - monitoring must never fail the job
+                if not self._warned:
+                    log.warning("metrics: cannot publish Prometheus targets to %s (%s); set %s to a writable "
+                                "directory", self.path, e, TARGETS_ENV)
+                    self._warned = True
+            self._stop.wait(self.interval)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(timeout=10)
+        if self._thread.ident is not None:
+            self.path.unlink(missing_ok=True)
+            try:
+                forget_ray_targets(self.run)
+            except Exception:  # noqa: BLE001 - the cluster may already be going away
+                pass

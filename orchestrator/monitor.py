@@ -1,0 +1,327 @@
+"""``alexray watch [JOB]`` (a live terminal view) and ``alexray dashboard`` (a local web page), both
+reading a run's figures from Prometheus: images/s per worker and in total, data-wait, step time,
+loss, accuracy, restarts and the ETA.
+
+A JOB is a run name that Prometheus holds, else a job id or run name looked up through Ray's Jobs
+API (``--address``); without one, the run that reported most recently. The dashboard's server
+builds every query itself from the run name, so the page cannot send Prometheus arbitrary queries.
+No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .prometheus import Prometheus, PrometheusError
+
+PAGE = Path(__file__).resolve().parent / "static" / "dashboard.html"
+
+
+class MonitorError(ValueError):
+    exit_code = 2
+
+
+def _sel(run: str) -> str:
+    return 'run="' + run.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def figures(run: str, window: str) -> list[dict]:
+    """The dashboard's charts: id, title, unit and (legend template, PromQL) pairs."""
+    s, w = _sel(run), window
+    wait = (f"sum by (rank) (rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
+            f" / sum by (rank) (rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))")
+    quantile = "histogram_quantile({q}, sum by (le) (rate(alexray_train_step_duration_seconds_bucket{{{s}}}[{w}])))"
+    return [
+        {"id": "images", "title": "Images per second", "unit": "img/s", "queries": [
+            ("total", f"sum(rate(alexray_train_images_total{{{s}}}[{w}]))"),
+            ("rank {rank}", f"sum by (rank) (rate(alexray_train_images_total{{{s}}}[{w}]))")]},
+        {"id": "data_wait", "title": "Data-wait fraction", "unit": "%", "queries": [("rank {rank}", wait)]},
+        {"id": "step_time", "title": "Step time", "unit": "s", "queries": [
+            ("p50", quantile.format(q=0.5, s=s, w=w)), ("p95", quantile.format(q=0.95, s=s, w=w))]},
+        {"id": "loss", "title": "Training loss", "unit": "", "queries": [
+            ("rank {rank}", f"max by (rank) (alexray_train_loss{{{s}}})")]},
+        {"id": "accuracy", "title": "Validation accuracy", "unit": "%", "queries": [
+            ("top-1", f"max(alexray_eval_top1_ratio{{{s}}})"), ("top-5", f"max(alexray_eval_top5_ratio{{{s}}})")]},
+    ]
+
+
+def _legend(template: str, metric: dict) -> str:
+    try:
+        return template.format(**metric)
+    except KeyError:
+        return template
+
+
+def figure_data(prom: Prometheus, run: str, minutes: float, window: str) -> list[dict]:
+    end = time.time()
+    start = end - minutes * 60
+    step = max(1.0, minutes * 60 / 300)
+    out = []
+    for figure in figures(run, window):
+        series = []
+        for legend, expr in figure["queries"]:
+            for item in prom.query_range(expr, start, end, step):
+                points = [[float(t), float(v)] for t, v in item["values"] if not math.isnan(float(v))]
+                series.append({"name": _legend(legend, item["metric"]), "points": points})
+        out.append({"id": figure["id"], "title": figure["title"], "unit": figure["unit"], "series": series})
+    return out
+
+
+# --- which run -----------------------------------------------------------------------------------
+
+def newest_run(prom: Prometheus) -> str | None:
+    fresh = prom.scalar_by("max by (run) (timestamp(alexray_train_step))", "run")
+    return max(fresh, key=fresh.get) if fresh else None
+
+
+def resolve_run(prom: Prometheus, job: str | None, address: str | None = None, insecure: bool = False) -> str:
+    if job is None:
+        run = newest_run(prom)
+        if run is None:
+            raise MonitorError(f"Prometheus at {prom.url} has no recent alexray training metrics: start a job "
+                               "('alexray submit'), or check that this Prometheus reads the targets directory "
+                               "(README, Metrics)")
+        return run
+    if job in prom.label_values("run", "alexray_train_step"):
+        return job
+    from . import jobs
+
+    try:
+        found = jobs.status(address, job, insecure=insecure)
+    except jobs.JobError as e:
+        raise MonitorError(f"no run named {job!r} has metrics in Prometheus at {prom.url}, and looking it up as a "
+                           f"job failed: {e}") from None
+    if not found.get("run_name"):
+        raise MonitorError(f"job {job!r} is not an alexray training job; pass a run name or an 'alexray submit' job")
+    return found["run_name"]
+
+
+# --- the figures of one moment ----------------------------------------------------------------
+
+def snapshot(prom: Prometheus, run: str, window: str = "30s") -> dict:
+    """Everything ``watch`` shows, as numbers (None where Prometheus has no value)."""
+    s, w = _sel(run), window
+
+    def one(expr: str):
+        values = prom.scalar_by(expr, "")
+        return next(iter(values.values()), None)
+
+    images = prom.query(f"sum by (rank, node) (rate(alexray_train_images_total{{{s}}}[{w}]))")
+    wait = prom.scalar_by(f"sum by (rank) (rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
+                          f" / sum by (rank) (rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))", "rank")
+    loss = prom.scalar_by(f"max by (rank) (alexray_train_loss{{{s}}})", "rank")
+    workers = sorted(({"rank": item["metric"].get("rank", "?"), "node": item["metric"].get("node", "?"),
+                       "images_per_s": float(item["value"][1])} for item in images),
+                     key=lambda x: int(x["rank"]) if x["rank"].isdigit() else 0)
+    for worker in workers:
+        worker["data_wait"] = wait.get(worker["rank"])
+        worker["loss"] = loss.get(worker["rank"])
+    total_wait = one(f"sum(rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
+                     f" / sum(rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))")
+    step, planned = one(f"max(alexray_train_step{{{s}}})"), one(f"max(alexray_train_steps_planned{{{s}}})")
+    steps_per_s = one(f"max(rate(alexray_train_step_duration_seconds_count{{{s}}}[{w}]))")
+    eta = None
+    if step is not None and planned and steps_per_s and steps_per_s > 0:
+        eta = max(0.0, planned - step) / steps_per_s
+    quantile = "histogram_quantile({q}, sum by (le) (rate(alexray_train_step_duration_seconds_bucket{{{s}}}[{w}])))"
+    return {
+        "run": run, "time": time.time(), "workers": workers,
+        "images_per_s": sum(x["images_per_s"] for x in workers) if workers else None,
+        "data_wait": total_wait, "step": step, "planned_steps": planned, "steps_per_s": steps_per_s, "eta_s": eta,
+        "epoch": one(f"max(alexray_train_epoch{{{s}}})"), "lr": one(f"max(alexray_train_learning_rate{{{s}}})"),
+        "loss": one(f"avg(alexray_train_loss{{{s}}})"), "top1": one(f"max(alexray_eval_top1_ratio{{{s}}})"),
+        "top5": one(f"max(alexray_eval_top5_ratio{{{s}}})"),
+        "restarts": one(f"max(alexray_worker_restarts_total{{{s}}})"),
+        "step_p50": one(quantile.format(q=0.5, s=s, w=w)), "step_p95": one(quantile.format(q=0.95, s=s, w=w)),
+    }
+
+
+def _num(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def render(snap: dict, prom_url: str) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(snap["time"]))
+    lines = [f"alexray watch   run {snap['run']}   {clock}   (Prometheus {prom_url})"]
+    if not snap["workers"] and snap["step"] is None:
+        lines.append("no samples for this run in the last few minutes: it has not started yet, or has ended")
+        return "\n".join(lines) + "\n"
+    step = f"{_num(snap['step'], '.0f')}/{_num(snap['planned_steps'], '.0f')}"
+    lines.append(f"epoch {_num(snap['epoch'], '.0f')}   step {step}   loss {_num(snap['loss'], '.4f')}   "
+                 f"lr {_num(snap['lr'], '.3g')}   top-1 {_pct(snap['top1'])}   top-5 {_pct(snap['top5'])}   "
+                 f"restarts {_num(snap['restarts'], '.0f')}   ETA {_duration(snap['eta_s'])}")
+    lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   data-wait {_pct(snap['data_wait'])}   "
+                 f"step p50 {_num(snap['step_p50'], '.3f')} s   p95 {_num(snap['step_p95'], '.3f')} s")
+    lines.append("")
+    lines.append(f"{'rank':>4}  {'node':<16} {'img/s':>9} {'data-wait':>10} {'loss':>9}")
+    for w in snap["workers"]:
+        lines.append(f"{w['rank']:>4}  {w['node']:<16} {w['images_per_s']:>9.1f} {_pct(w['data_wait']):>10} "
+                     f"{_num(w['loss'], '.4f'):>9}")
+    return "\n".join(lines) + "\n"
+
+
+def watch(prom: Prometheus, run: str, interval: float = 1.0, once: bool = False, window: str = "30s",
+          out=None) -> int:
+    out = out or sys.stdout
+    while True:
+        frame = render(snapshot(prom, run, window), prom.url)
+        if once:
+            out.write(frame)
+            out.flush()
+            return 0
+        out.write("\x1b[H\x1b[2J" + frame)  # home, clear: redraw in place
+        out.flush()
+        time.sleep(interval)
+
+
+# --- the web page --------------------------------------------------------------------------------
+
+@dataclass
+class DashboardServer:
+    url: str
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler(prom: Prometheus, default_run: str | None, window: str):
+    page = PAGE.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # one line per request would drown the terminal
+            pass
+
+        def _send(self, code: int, body: bytes, kind: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, code: int, data) -> None:
+            self._send(code, json.dumps(data).encode(), "application/json")
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            parts = urllib.parse.urlsplit(self.path)
+            params = dict(urllib.parse.parse_qsl(parts.query))
+            try:
+                if parts.path in ("/", "/index.html"):
+                    return self._send(200, page, "text/html; charset=utf-8")
+                if parts.path == "/api/runs":
+                    runs = sorted(prom.label_values("run", "alexray_train_step"))
+                    return self._json(200, {"runs": runs, "default": default_run or newest_run(prom),
+                                            "prometheus": prom.url})
+                if parts.path == "/api/figures":
+                    run = params.get("run") or default_run or newest_run(prom)
+                    if not run:
+                        return self._json(200, {"run": None, "figures": [], "summary": None})
+                    minutes = min(24 * 60.0, max(1.0, float(params.get("minutes", 15))))
+                    return self._json(200, {"run": run, "figures": figure_data(prom, run, minutes, window),
+                                            "summary": snapshot(prom, run, window)})
+                return self._json(404, {"error": f"no such page {parts.path}"})
+            except PrometheusError as e:
+                return self._json(502, {"error": str(e)})
+            except ValueError as e:
+                return self._json(400, {"error": str(e)})
+
+    return Handler
+
+
+def start_dashboard(prometheus_url: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                    run: str | None = None, window: str = "30s") -> DashboardServer:
+    """Serve the dashboard page on a thread; ``url`` is where to open it, ``stop()`` ends it."""
+    prom = Prometheus(prometheus_url)
+    server = ThreadingHTTPServer((host, port), _handler(prom, run, window))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="alexray-dashboard", daemon=True)
+    thread.start()
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return DashboardServer(f"http://{shown}:{server.server_address[1]}/", server, thread)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"alexray {command}")
+    p.add_argument("--prometheus", default=None, metavar="URL",
+                   help="Prometheus to read (default: ALEXRAY_PROMETHEUS_URL, else http://127.0.0.1:9090)")
+    p.add_argument("--window", default="30s", help="rate window, a PromQL duration (default 30s)")
+    if command == "watch":
+        p.add_argument("job", nargs="?", metavar="JOB", help="run name or job id (default: the newest run)")
+        p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+        p.add_argument("--once", action="store_true", help="print one view and exit")
+        p.add_argument("--address", default=None, help="Ray Jobs API, to look up a job id (see 'alexray status')")
+        p.add_argument("--insecure", action="store_true", help="allow plain http to a remote Jobs API")
+    else:
+        p.add_argument("--run", default=None, help="run shown first (default: the newest)")
+        p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=8765, help="port to serve on (default 8765; 0: any)")
+        p.add_argument("--start-prometheus", action="store_true",
+                       help="start a local Prometheus with cluster/prometheus/ (needs Debian's prometheus)")
+        p.add_argument("--prometheus-dir", default=None,
+                       help="data directory of the started Prometheus (default ~/.cache/alexray/prometheus)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    args = _parser(command).parse_args(rest)
+    started = None
+    try:
+        if command == "watch":
+            prom = Prometheus(args.prometheus)
+            prom.check()
+            run = resolve_run(prom, args.job, args.address, args.insecure)
+            try:
+                return watch(prom, run, args.interval, args.once, args.window)
+            except KeyboardInterrupt:
+                return 0
+        url = args.prometheus
+        if args.start_prometheus:
+            from .prometheus import start_prometheus
+
+            workdir = Path(args.prometheus_dir or Path.home() / ".cache" / "alexray" / "prometheus")
+            started = start_prometheus(workdir)
+            url = started.url
+            print(f"Prometheus: {url} (data in {workdir})", flush=True)
+        Prometheus(url).check()
+        try:
+            server = start_dashboard(url, args.host, args.port, args.run, args.window)
+        except OSError as e:
+            raise MonitorError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+        print(f"dashboard: {server.url}  (Ctrl-C to stop)", flush=True)
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            server.stop()
+        return 0
+    except (PrometheusError, MonitorError) as e:
+        print(f"alexray {command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        if started is not None:
+            started.stop()

@@ -1,0 +1,529 @@
+"""Trained models at work: open a checkpoint as a model, evaluate it on a split, classify new images.
+
+A checkpoint is named by its directory (Ray's ``checkpoint_e..._s...`` or a run's ``best/``) or by
+its run directory (``best/`` if there is one, else the newest complete checkpoint), local or
+``s3://``. Only ``model.pt`` and ``state.json`` are read, each checked against ``complete.json``
+(sizes and CRC-32s) first; the weights load with ``weights_only=True``, so a file that is not a
+checkpoint is refused and no pickled code ever runs. ``state.json``'s ``model`` entry (name, width,
+classes, image size) rebuilds the network.
+
+Evaluation counts every sample of the split exactly once, in this process or split over Ray tasks
+(``eval_segments`` gives each task a contiguous share), and keeps the full confusion matrix, so
+the report's numbers are exact counts, not averages of averages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from data_prep.storage import is_s3_url, open_storage
+
+from . import checkpoint as ckpt
+from .data import SplitInfo, eval_batches, load_manifest, split_info
+from .models import build_model
+from .transforms import to_model_input
+
+log = logging.getLogger("alexray.inference")
+
+CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)")
+MODEL_FILES = ("state.json", "model.pt")
+
+
+# ---- opening a checkpoint -------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's network in eval mode, with what ``state.json`` says about it."""
+
+    model: torch.nn.Module
+    info: dict  # state.json's "model": name, num_classes, width, kwargs, classes, image_size, eval_resize
+    source: str  # the checkpoint directory actually read (a run directory resolved to best/ or newest)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info["num_classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        names = list(self.info.get("classes") or [])
+        return names if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info.get("image_size") or 224)
+
+    @property
+    def eval_resize(self) -> int:
+        return int(self.info.get("eval_resize") or self.image_size)
+
+
+def describe(info: dict) -> str:
+    return f"{info.get('name')} (width {info.get('width')}, {info.get('num_classes')} classes)"
+
+
+def _verify(directory: Path, names: tuple[str, ...], where: str) -> None:
+    """Check ``names`` against complete.json: a half-written or damaged checkpoint is never used."""
+    marker = directory / ckpt.COMPLETE
+    if not marker.is_file():
+        raise ckpt.CheckpointError(f"{where} is not a complete checkpoint (no {ckpt.COMPLETE}): it was being "
+                                   "written when its run stopped, or it is not an alexray checkpoint; pass an "
+                                   "earlier checkpoint or the run directory")
+    try:
+        files = json.loads(marker.read_text())["files"]
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in names}
+    except (ValueError, KeyError, TypeError):
+        raise ckpt.CheckpointError(f"{where}/{ckpt.COMPLETE} does not list {' and '.join(names)}: not an alexray "
+                                   "model checkpoint; pass a directory written by 'alexray train'") from None
+    for name, (size, crc) in expected.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != size or ckpt._crc32(path) != crc:
+            raise ckpt.CheckpointError(f"{where}/{name} is missing, truncated or damaged (it differs from "
+                                       f"{ckpt.COMPLETE}); use another checkpoint of the run")
+
+
+def _newest_first(dirs: list[str]) -> list[str]:
+    def order(name: str) -> tuple[int, int]:
+        match = CHECKPOINT_DIR.fullmatch(name.rstrip("/").rpartition("/")[2])
+        return (int(match[1]), int(match[2])) if match else (-1, -1)
+
+    return sorted(dirs, key=order, reverse=True)
+
+
+def _local_candidates(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{path} does not exist: pass a checkpoint directory or a run directory")
+    if path.is_file():
+        if (path.parent / ckpt.COMPLETE).is_file() and path.name in (*MODEL_FILES, "optimizer.pt", ckpt.COMPLETE):
+            return [path.parent]
+        raise ckpt.CheckpointError(f"{path} is a file, not a checkpoint: pass the directory holding model.pt, "
+                                   f"state.json and {ckpt.COMPLETE}, or the run directory")
+    if any((path / name).exists() for name in (ckpt.COMPLETE, *MODEL_FILES)):
+        return [path]
+    found = [path / "best"] if (path / "best" / ckpt.COMPLETE).is_file() else []
+    dirs = [str(d) for base in (path, path / "checkpoints") if base.is_dir() for d in base.iterdir()
+            if d.is_dir() and CHECKPOINT_DIR.fullmatch(d.name)]
+    found += [Path(d) for d in _newest_first(dirs)]
+    if not found:
+        raise ckpt.CheckpointError(f"{path} holds no checkpoint (no best/, no checkpoint_e*_s* directory): pass a "
+                                   "checkpoint directory or the run directory of 'alexray train'")
+    return found
+
+
+def _s3_candidates(url: str) -> list[str]:
+    storage = open_storage(url)
+    if storage.exists(ckpt.COMPLETE) or storage.exists("model.pt"):
+        return [""]
+    found = ["best/"] if storage.exists(f"best/{ckpt.COMPLETE}") else []
+    dirs = set()
+    for prefix in ("checkpoint_", "checkpoints/checkpoint_"):
+        for obj in storage.list(prefix):
+            parent = obj.name.rpartition("/")[0]
+            if CHECKPOINT_DIR.fullmatch(parent.rpartition("/")[2]):
+                dirs.add(parent + "/")
+    found += _newest_first(sorted(dirs))
+    if not found:
+        raise ckpt.CheckpointError(f"{url} holds no checkpoint (no best/, no checkpoint_e*_s* directory): pass a "
+                                   "checkpoint directory or the run directory of 'alexray train'")
+    return found
+
+
+@contextlib.contextmanager
+def checkpoint_dir(location: str, names: tuple[str, ...] = MODEL_FILES) -> Iterator[tuple[Path, str]]:
+    """A local directory holding the checkpoint's ``names``, verified, and the checkpoint's address.
+
+    For a run directory the candidates are tried best first, then newest first: a checkpoint that
+    was being written when the run stopped is skipped with a warning.
+    """
+    location = str(location)
+    errors: list[str] = []
+    if is_s3_url(location):
+        base = location.rstrip("/")
+        for prefix in _s3_candidates(base):
+            where = f"{base}/{prefix}".rstrip("/")
+            with tempfile.TemporaryDirectory(prefix="alexray-ckpt-") as tmp:
+                storage = open_storage(where)
+                for name in (ckpt.COMPLETE, *names):
+                    if storage.exists(name):
+                        (Path(tmp) / name).write_bytes(storage.read_bytes(name))
+                try:
+                    _verify(Path(tmp), names, where)
+                except ckpt.CheckpointError as e:
+                    errors.append(str(e))
+                    continue
+                _skipped(errors)
+                yield Path(tmp), where
+                return
+    else:
+        path = Path(location).expanduser().absolute()
+        for candidate in _local_candidates(path):
+            try:
+                _verify(candidate, names, str(candidate))
+            except ckpt.CheckpointError as e:
+                errors.append(str(e))
+                continue
+            _skipped(errors)
+            yield candidate, str(candidate)
+            return
+    if len(errors) == 1:
+        raise ckpt.CheckpointError(errors[0])
+    _skipped(errors[:-1])
+    raise ckpt.CheckpointError(f"no usable checkpoint in {location}; the last one tried: {errors[-1]}")
+
+
+def _skipped(errors: list[str]) -> None:
+    for error in errors:
+        log.warning("skipping %s", error)
+
+
+def read_info(directory: Path, where: str) -> dict:
+    """state.json's description of the model; refuses checkpoints that do not have one."""
+    try:
+        state = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        raise ckpt.CheckpointError(f"{where}/state.json is not readable JSON: not an alexray checkpoint") from None
+    info = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(info, dict) or not {"name", "num_classes", "width"} <= set(info):
+        raise ckpt.CheckpointError(f"{where}/state.json does not describe its model (name, num_classes, width): "
+                                   "it was not written by 'alexray train'; pass a training checkpoint")
+    return info
+
+
+def checkpoint_info(location: str) -> tuple[dict, str]:
+    """The model description of a checkpoint and its resolved address, reading only state.json."""
+    with checkpoint_dir(location, ("state.json",)) as (directory, where):
+        return read_info(directory, where), where
+
+
+def build_from_info(info: dict, where: str) -> torch.nn.Module:
+    try:
+        return build_model(info["name"], int(info["num_classes"]), float(info["width"]), **(info.get("kwargs") or {}))
+    except (ValueError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{where}: cannot rebuild {describe(info)}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, directory: Path, where: str, info: dict) -> dict:
+    """model.pt's tensors (weights_only), checked to fit ``model``; returns them."""
+    tensors = ckpt.load_tensors(directory, "model.pt")
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ckpt.CheckpointError(f"{where}/model.pt holds no state dict of tensors: not an alexray checkpoint")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:240]
+        raise ckpt.CheckpointError(f"{where}/model.pt does not fit the {describe(info)} its state.json describes "
+                                   f"({detail}): the weights come from another model; use the checkpoint they were "
+                                   "saved with") from None
+    return tensors
+
+
+def load_checkpoint(location: str) -> LoadedModel:
+    """The checkpoint's network with its weights, in eval mode on the CPU."""
+    with checkpoint_dir(location) as (directory, where):
+        info = read_info(directory, where)
+        model = build_from_info(info, where)
+        load_weights(model, directory, where, info)
+    model.eval()
+    return LoadedModel(model, info, where)
+
+
+def run_data_path(location: str) -> str | None:
+    """The dataset the checkpoint's run trained on (its run's spec.json), when that can be found."""
+    location = str(location).rstrip("/")
+    if not is_s3_url(location):
+        location = str(Path(location).expanduser().absolute())
+    candidates = [location]
+    for _ in range(2):  # {run}/checkpoint_x, {run}/best and {run}/checkpoints/checkpoint_x
+        parent = location.rpartition("/")[0]
+        if not parent or parent == location or parent.endswith(":/"):
+            break
+        candidates.append(parent)
+        location = parent
+    for candidate in candidates:
+        try:
+            storage = open_storage(candidate)
+            if storage.exists("spec.json"):
+                path = json.loads(storage.read_bytes("spec.json")).get("data", {}).get("path")
+                return path or None
+        except Exception:  # noqa: BLE001 - only a convenience: the caller asks for --data instead
+            return None
+    return None
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+@dataclass
+class EvalOptions:
+    split: str = "val"  # the split of the dataset to evaluate on
+    ten_crop: bool = False  # average the predictions of the paper's 10 crops (corners, centre, flips)
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 2  # decoding processes per evaluating process (0: decode in the process itself)
+    worst: int = 10  # classes listed in the report's confusion summary
+
+
+def check_classes(loaded: LoadedModel, split: SplitInfo, data: str) -> None:
+    """Refuse a dataset whose labels would not mean what the model's outputs mean."""
+    if split.num_classes != loaded.num_classes:
+        raise ValueError(f"--data: {data} has {split.num_classes} classes but the checkpoint classifies "
+                         f"{loaded.num_classes}; fine-tune it on this dataset first: alexray finetune SPEC.yaml "
+                         f"--from {loaded.source}")
+    names = list(loaded.info.get("classes") or [])
+    if names and list(split.class_names) != names:
+        differ = next(i for i, (a, b) in enumerate(zip(names, split.class_names)) if a != b)
+        raise ValueError(f"--data: {data}'s classes differ from the checkpoint's (class {differ} is "
+                         f"{split.class_names[differ]!r} there, {names[differ]!r} in the checkpoint); "
+                         "fine-tune on this dataset first with 'alexray finetune'")
+
+
+@torch.no_grad()
+def evaluate_part(model: torch.nn.Module, info: dict, split: SplitInfo, parts: int, index: int,
+                  options: EvalOptions, progress: Callable[[int], None] | None = None) -> dict:
+    """Confusion counts over part ``index`` of ``parts`` of the split (every sample in exactly one part)."""
+    classes = int(info["num_classes"])
+    size = int(info.get("image_size") or 224)
+    resize = int(info.get("eval_resize") or size)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    top5_hits = np.zeros(classes, dtype=np.int64)
+    skipped = 0
+    model.eval()
+    for batch in eval_batches(split, parts, index, size, resize, options.batch_size, options.num_workers,
+                              options.ten_crop):
+        skipped += batch["skipped"]
+        labels = batch["labels"]
+        if len(labels):
+            images = batch["images"]
+            crops = images.shape[1] if images.dim() == 5 else 1
+            flat = images.flatten(0, 1) if crops > 1 else images
+            probs = model(to_model_input(flat)).float().softmax(-1).view(len(labels), crops, -1).mean(1)
+            top = probs.topk(min(5, classes), dim=1).indices
+            np.add.at(confusion, (labels.numpy(), top[:, 0].numpy()), 1)
+            hits = (top == labels[:, None]).any(1).numpy()
+            np.add.at(top5_hits, labels.numpy()[hits], 1)
+        if progress is not None:
+            progress(len(labels) + batch["skipped"])
+    return {"confusion": confusion, "top5_hits": top5_hits, "skipped": skipped}
+
+
+def _ray_part(weights: dict, info: dict, split: SplitInfo, parts: int, index: int, options: EvalOptions) -> dict:
+    """One Ray task's share: the model is rebuilt from the broadcast weights, never from a file."""
+    model = build_from_info(info, "the checkpoint")
+    model.load_state_dict(weights)
+    return evaluate_part(model, info, split, parts, index, options)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds: ray.init retries an address where nothing listens for minutes."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():
+        return  # "auto" and the like: Ray finds the cluster itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"--address: nothing answers at {address} ({e.strerror or e}); start the cluster "
+                         "(ray start --head) or give the head's host:6379") from None
+
+
+def _evaluate_on_ray(loaded: LoadedModel, split: SplitInfo, options: EvalOptions, address: str,
+                     workers: int | None, progress: Callable[[int], None]) -> tuple[dict, int]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--address: cannot reach a Ray cluster at {address} ({str(e).splitlines()[0][:200]}); "
+                             "check the address (host:6379 of the head, or auto)") from None
+    try:
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        parts = max(1, min(workers, split.samples))
+        weights = ray.put(loaded.model.state_dict())
+        task = ray.remote(num_cpus=1)(_ray_part)
+        pending = [task.remote(weights, loaded.info, split, parts, i, options) for i in range(parts)]
+        total = None
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            progress(int(part["confusion"].sum()) + part["skipped"])
+            total = part if total is None else {k: total[k] + part[k] for k in total}
+        return total, parts
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _report(loaded: LoadedModel, data: str, split: SplitInfo, options: EvalOptions, counts: dict, parts: int,
+            seconds: float) -> dict:
+    confusion, top5_hits = counts["confusion"], counts["top5_hits"]
+    names = loaded.classes
+    samples = int(confusion.sum())
+    correct1, correct5 = int(np.trace(confusion)), int(top5_hits.sum())
+    per_class = []
+    for c in range(len(names)):
+        n = int(confusion[c].sum())
+        wrong = [(int(confusion[c, p]), p) for p in np.flatnonzero(confusion[c]) if p != c]
+        per_class.append({"index": c, "name": names[c], "samples": n, "correct_top1": int(confusion[c, c]),
+                          "correct_top5": int(top5_hits[c]), "top1": confusion[c, c] / n if n else None,
+                          "confused_with": [{"index": int(p), "name": names[p], "count": k}
+                                            for k, p in sorted(wrong, key=lambda t: (-t[0], t[1]))[:3]]})
+    ranked = sorted((c for c in per_class if c["samples"]), key=lambda c: (c["top1"], -c["samples"], c["index"]))
+    return {"checkpoint": loaded.source, "model": describe(loaded.info), "data": data, "split": options.split,
+            "ten_crop": options.ten_crop, "image_size": loaded.image_size, "eval_resize": loaded.eval_resize,
+            "split_samples": split.samples, "samples": samples, "skipped": int(counts["skipped"]),
+            "correct_top1": correct1, "correct_top5": correct5, "top1": correct1 / samples if samples else 0.0,
+            "top5": correct5 / samples if samples else 0.0, "parts": parts, "seconds": round(seconds, 3),
+            "images_per_s": round(samples / seconds, 1) if seconds > 0 else None,
+            "worst_classes": ranked[:options.worst], "per_class": per_class}
+
+
+def evaluate(loaded: LoadedModel, data: str, options: EvalOptions, address: str | None = None,
+             workers: int | None = None, show_progress: bool = True) -> dict:
+    """Exact top-1/top-5 and per-class counts of the model on ``data``'s split, as a report dict."""
+    from tqdm import tqdm
+
+    data = data.rstrip("/") if is_s3_url(data) else str(Path(data).expanduser().absolute())
+    split = split_info(data, load_manifest(data), options.split)
+    check_classes(loaded, split, data)
+    started = time.perf_counter()
+    with tqdm(total=split.samples, desc="evaluate", unit="img", disable=not show_progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        if address:
+            counts, parts = _evaluate_on_ray(loaded, split, options, address, workers, bar.update)
+        else:
+            counts, parts = evaluate_part(loaded.model, loaded.info, split, 1, 0, options, bar.update), 1
+    return _report(loaded, data, split, options, counts, parts, time.perf_counter() - started)
+
+
+# ---- prediction -----------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    input: str  # the file or s3:// key as named (a directory expands to its files)
+    top: list[dict] = field(default_factory=list)  # up to 5 of {index, name, probability}, best first
+    error: str | None = None  # why the input could not be classified
+
+
+def _s3_inputs(url: str) -> list[tuple[str, Callable[[], bytes]]]:
+    from data_prep.storage import split_s3_url
+
+    bucket, key = split_s3_url(url)
+    root = open_storage(f"s3://{bucket}")
+    if key and not url.endswith("/") and root.exists(key):
+        return [(url, lambda: root.read_bytes(key))]
+    prefix = f"{key}/" if key else ""
+    found = [obj.name for obj in root.list(prefix) if not obj.name.endswith("/")]
+    if not found:
+        raise FileNotFoundError(f"{url} does not exist (no such key, and no keys under it)")
+    return [(f"s3://{bucket}/{name}", lambda name=name: root.read_bytes(name)) for name in found]
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Callable[[], bytes] | None, str | None]]:
+    """(name, reader, error) per image: directories expand to their files (hidden ones skipped), sorted."""
+    out: list[tuple[str, Callable[[], bytes] | None, str | None]] = []
+    for item in inputs:
+        try:
+            if is_s3_url(item):
+                out.extend((name, reader, None) for name, reader in _s3_inputs(item))
+                continue
+            path = Path(item).expanduser()
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file()
+                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                if not files:
+                    out.append((item, None, f"{item} is an empty directory"))
+                out.extend((str(p), p.read_bytes, None) for p in files)
+            elif path.exists():
+                out.append((item, path.read_bytes, None))
+            else:
+                out.append((item, None, f"{item} does not exist"))
+        except Exception as e:  # noqa: BLE001 - one bad input must not stop the others
+            out.append((item, None, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return out
+
+
+def image_crops(data: bytes, size: int, resize: int, ten_crop: bool = False) -> np.ndarray:
+    """An image file's bytes as evaluation crops (HWC uint8, or a (10, H, W, C) stack).
+
+    The format comes from the bytes: CMYK and grayscale JPEGs, PNGs (transparency on white) and
+    EXIF-rotated images become upright RGB, exactly as sharding turns them into training samples;
+    truncated and non-image files raise ``RejectedImage`` with the reason.
+    """
+    from PIL import ImageOps
+
+    from data_prep.images import DEFAULT_MAX_PIXELS, RejectedImage, _orientation, _to_rgb, decode_image, open_image
+
+    from .transforms import _crop, eval_boxes
+
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    image = open_image(data, DEFAULT_MAX_PIXELS)
+    orientation = _orientation(image)
+    decode_image(image)
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    pixels = np.asarray(_to_rgb(image))
+    boxes = eval_boxes(pixels.shape[1], pixels.shape[0], size, resize, ten_crop)
+    crops = [_crop(pixels, 1.0, 1.0, box, size, size) for box in boxes]
+    if not ten_crop:
+        return crops[0]
+    return np.stack(crops + [c[:, ::-1] for c in crops])
+
+
+@torch.no_grad()
+def predict(loaded: LoadedModel, inputs: list[str], ten_crop: bool = False, batch_size: int = 32,
+            top_k: int = 5, show_progress: bool = True) -> list[Prediction]:
+    """Top-k classes with probabilities for every image; unreadable inputs get an error instead."""
+    from tqdm import tqdm
+
+    from data_prep.images import RejectedImage
+
+    items = expand_inputs(inputs)
+    results = [Prediction(name, error=error) for name, _, error in items]
+    k = min(top_k, loaded.num_classes)
+    names = loaded.classes
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        images = torch.from_numpy(np.stack([crops for _, crops in pending]))
+        images = images.permute(0, 1, 4, 2, 3) if ten_crop else images.permute(0, 3, 1, 2)
+        crops_per = images.shape[1] if ten_crop else 1
+        flat = images.flatten(0, 1) if ten_crop else images
+        probs = loaded.model(to_model_input(flat.contiguous())).float().softmax(-1)
+        probs = probs.view(len(pending), crops_per, -1).mean(1)
+        values, indices = probs.topk(k, dim=1)
+        for (slot, _), vs, ix in zip(pending, values.tolist(), indices.tolist()):
+            results[slot].top = [{"index": i, "name": names[i], "probability": round(v, 6)} for v, i in zip(vs, ix)]
+        pending.clear()
+
+    with tqdm(total=len(items), desc="predict", unit="img", disable=not show_progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        for slot, (name, reader, error) in enumerate(items):
+            if error is None:
+                try:
+                    pending.append((slot, image_crops(reader(), loaded.image_size, loaded.eval_resize, ten_crop)))
+                except RejectedImage as e:
+                    results[slot].error = f"{name}: {e}"
+                except Exception as e:  # noqa: BLE001 - unreadable file or object: report it, go on
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    results[slot].error = f"{name}: cannot read it ({reason})"
+                if len(pending) == batch_size:
+                    flush()
+            bar.update(1)
+        flush()
+    return results

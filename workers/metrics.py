@@ -1,0 +1,207 @@
+"""Prometheus metrics of one training worker, served on ``/metrics`` at a port the OS picks.
+
+Every series is labelled ``run``, ``rank`` and ``node`` (the node's IP), nothing else that could
+grow: no sample keys, paths or step numbers in labels. Per step the loop pays a few lock-protected
+additions (``timed``, ``trained``): no I/O, no Ray call. Values are read only when Prometheus
+scrapes, on the HTTP server's thread. GPU memory is read at scrape time too.
+
+How Prometheus finds the endpoint: ``orchestrator.discovery``. ``ALEXRAY_METRICS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from orchestrator import discovery
+
+log = logging.getLogger("alexray.metrics")
+disable_created_metrics()  # no *_created series: every name stays a documented one
+
+LABELS = ("run", "rank", "node")
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class NullMetrics:
+    """Metrics off: the same calls, doing nothing."""
+
+    address = None
+
+    def timed(self, batches):
+        return batches
+
+    def trained(self, images: int, loss: float, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
+        pass
+
+    def evaluated(self, results: dict) -> None:
+        pass
+
+    def checkpoint_written(self, seconds: float, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerMetrics(NullMetrics):
+    def __init__(self, run: str, rank: int, node: str, *, restarts: int = 0, planned_steps: int = 0,
+                 checkpoint_interval_steps: int = 0, device=None):
+        self.registry = registry = CollectorRegistry()
+        self.rank = rank
+        values = {"run": run, "rank": str(rank), "node": node}
+
+        def make(kind, name, doc, **kwargs):
+            return kind(name, doc, LABELS, registry=registry, **kwargs).labels(**values)
+
+        self._images = make(Counter, "alexray_train_images", "Images trained on by this worker")
+        self._step_seconds = make(Histogram, "alexray_train_step_duration_seconds",
+                                  "Wall time of one training step, waiting for its batch included",
+                                  buckets=STEP_BUCKETS)
+        self._wait = make(Counter, "alexray_train_data_wait_seconds",
+                          "Time spent waiting for the next batch from the data loader")
+        self._loss = make(Gauge, "alexray_train_loss", "Training loss of the last step (this worker's batch)")
+        self._lr = make(Gauge, "alexray_train_learning_rate", "Learning rate of the last step")
+        self._epoch = make(Gauge, "alexray_train_epoch", "Epoch in progress (from 0)")
+        self._step = make(Gauge, "alexray_train_step", "Training steps completed in the run (global step)")
+        make(Gauge, "alexray_train_steps_planned", "Steps the run will take in total").set(planned_steps)
+        # Labelled children are created at the first evaluation: no accuracy of 0 before there is one.
+        self._values = values
+        self._top1 = Gauge("alexray_eval_top1_ratio", "Validation top-1 accuracy of the last evaluation", LABELS,
+                           registry=registry)
+        self._top5 = Gauge("alexray_eval_top5_ratio", "Validation top-5 accuracy of the last evaluation", LABELS,
+                           registry=registry)
+        self._ckpt_seconds = make(Histogram, "alexray_checkpoint_save_duration_seconds",
+                                  "Time to write this worker's part of a checkpoint (on a background thread)",
+                                  buckets=CHECKPOINT_BUCKETS)
+        self._ckpt_bytes = make(Counter, "alexray_checkpoint_written_bytes", "Checkpoint bytes written by this worker")
+        self._ckpt_last = make(Gauge, "alexray_checkpoint_last_success_timestamp_seconds",
+                               "Unix time this worker last finished writing a checkpoint (0: none yet)")
+        make(Gauge, "alexray_checkpoint_interval_steps",
+             "Steps between checkpoints (checkpoint.every_steps, or the epoch length if shorter)"
+             ).set(checkpoint_interval_steps)
+        make(Gauge, "alexray_worker_start_time_seconds", "Unix time this worker process started training"
+             ).set(time.time())
+        corrupt = Counter("alexray_data_corrupt_samples_skipped", "Corrupt samples skipped (eval: counted by rank 0)",
+                          LABELS + ("phase",), registry=registry)
+        self._corrupt_train = corrupt.labels(**values, phase="train")
+        self._corrupt_eval = corrupt.labels(**values, phase="eval")
+        make(Counter, "alexray_worker_restarts", "Restarts of the worker group before this start").inc(restarts)
+        if device is not None and getattr(device, "type", None) == "cuda":
+            import torch
+
+            make(Gauge, "alexray_gpu_memory_used_bytes", "GPU memory held by tensors (torch.cuda.memory_allocated)"
+                 ).set_function(lambda: torch.cuda.memory_allocated(device))
+            make(Gauge, "alexray_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch's caching allocator"
+                 ).set_function(lambda: torch.cuda.memory_reserved(device))
+        self._server = None
+        self._local_target = None
+
+    def serve(self, host: str) -> str:
+        """Start the HTTP endpoint on ``host`` and a free port; returns ``host:port``."""
+        self._server, _ = start_http_server(0, addr=host, registry=self.registry)
+        self.address = f"[{host}]:{self._server.server_port}" if ":" in host else f"{host}:{self._server.server_port}"
+        return self.address
+
+    def timed(self, batches):
+        """Yield the batches, measuring the wait for each and the whole step around it."""
+        clock, wait, step = time.perf_counter, self._wait.inc, self._step_seconds.observe
+        iterator = iter(batches)
+        try:
+            while True:
+                begin = clock()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                waited = clock() - begin
+                yield batch
+                # Both at the step's end, step first: a scrape never sees more waiting than stepping,
+                # so the data-wait ratio stays within [0, 1].
+                step(clock() - begin)
+                wait(waited)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def trained(self, images: int, loss: float, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
+        self._images.inc(images)
+        self._loss.set(loss)
+        self._lr.set(lr)
+        self._epoch.set(epoch)
+        self._step.set(step)
+        if skipped:
+            self._corrupt_train.inc(skipped)
+
+    def evaluated(self, results: dict) -> None:
+        self._top1.labels(**self._values).set(results.get("val_top1", 0.0))
+        self._top5.labels(**self._values).set(results.get("val_top5", 0.0))
+        if self.rank == 0 and results.get("val_skipped"):  # already summed over the ranks
+            self._corrupt_eval.inc(results["val_skipped"])
+
+    def checkpoint_written(self, seconds: float, nbytes: int) -> None:
+        self._ckpt_seconds.observe(seconds)
+        self._ckpt_bytes.inc(nbytes)
+        self._ckpt_last.set(time.time())
+
+    def close(self) -> None:
+        if self._local_target is not None:
+            self._local_target.remove()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _ray_node_ip() -> str:
+    """The address Ray knows this node by (``ray start --node-ip-address``); ray.util's guess is the
+    machine's outward address, which is not the node's on a cluster bound to another interface."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+def planned_steps(spec, steps_per_epoch: int) -> int:
+    total = steps_per_epoch * spec.train.epochs
+    return min(total, spec.train.max_steps) if spec.train.max_steps else total
+
+
+def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_epoch: int, device=None,
+                   on_ray: bool = True) -> NullMetrics:
+    """The metrics of this worker, served and registered for discovery; NullMetrics when turned off
+    or when the endpoint cannot start (training never fails for monitoring)."""
+    if not discovery.metrics_enabled():
+        return NullMetrics()
+    every = spec.checkpoint.every_steps
+    interval = min(every, steps_per_epoch) if every else steps_per_epoch
+    run = spec.run.name or "unnamed"
+    metrics = None
+    try:
+        if on_ray:
+            node = _ray_node_ip()
+        else:
+            node = "127.0.0.1"
+        metrics = WorkerMetrics(run, rank, node, restarts=restarts, planned_steps=planned_steps(spec, steps_per_epoch),
+                                checkpoint_interval_steps=interval, device=device)
+        address = metrics.serve(node)
+        labels = {"run": run, "rank": str(rank), "node": node, "instance": f"{run}/{rank}"}
+        if on_ray:
+            discovery.register_ray_target(run, rank, world_size, address, labels)
+        else:
+            import atexit
+
+            metrics._local_target = discovery.LocalTarget(run, address, labels)
+            atexit.register(metrics._local_target.remove)
+    except Exception as e:  # noqa: BLE001 - monitoring must never stop training
+        log.warning("metrics: endpoint not started (%s: %s); training continues without it", type(e).__name__, e)
+        if metrics is not None:
+            metrics.close()
+        return NullMetrics()
+    return metrics
