@@ -186,6 +186,16 @@ def _progress(s3_server, name: str) -> dict:
         return {}
 
 
+def _registered_checkpoint(s3_server, name: str) -> str | None:
+    """The checkpoint Ray has taken the report of: the one a restart resumes from."""
+    try:
+        body = s3_server.client().get_object(Bucket="multinode",
+                                             Key=f"runs/{name}/checkpoint_manager_snapshot.json")["Body"].read()
+    except Exception:  # noqa: BLE001 - no checkpoint reported yet
+        return None
+    return (json.loads(body).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
 def _checkpoints(s3_server, name: str) -> list[str]:
     listing = s3_server.client().list_objects_v2(Bucket="multinode", Prefix=f"runs/{name}/checkpoint_")
     return sorted({o["Key"].split("/")[2] for o in listing.get("Contents", []) if o["Key"].endswith("complete.json")})
@@ -265,8 +275,11 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes(nodes, s3_digits, tmp
                               "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed",
                               "--deadline-remaining-seconds", "30"], capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stdout + drained.stderr
-    saved = _wait(lambda: _checkpoints(s3_server, "preempted"), 60, "a checkpoint after the preemption notice", proc)
-    step = int(saved[0].rsplit("_s", 1)[1])
+    # The node goes once Ray holds the checkpoint (a real one goes at its deadline, 30 s here).
+    saved = _wait(lambda: _registered_checkpoint(s3_server, "preempted"), 60,
+                  "Ray to register a checkpoint after the preemption notice", proc)
+    assert _checkpoints(s3_server, "preempted") == [saved]
+    step = int(saved.rsplit("_s", 1)[1])
     nodes.lose(going)
     nodes.add()
     out = _finish(proc)
