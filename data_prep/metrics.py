@@ -8,7 +8,7 @@ process without Ray (``orchestrator.discovery``) and removed when sharding ends.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 
 from orchestrator import discovery
 
@@ -25,16 +25,13 @@ class ShardMetrics:
         self._shards = Counter("alexray_shard_shards", "Shards written", LABELS, registry=registry)
         self._rejects = Counter("alexray_shard_rejected_images", "Inputs rejected (unreadable, not an image, too large)",
                                 LABELS, registry=registry)
-        self._server = None
-        self._target = None
+        self._endpoint: discovery.MetricsEndpoint | None = None
         self.url = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> str:
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        address = f"{host}:{self._server.server_port}"
-        self._target = discovery.LocalTarget(f"shard-{self.run}", address,
-                                             {"run": self.run, "instance": f"shard/{self.run}", "node": host})
-        self.url = f"http://{address}/metrics"
+        self._endpoint = discovery.MetricsEndpoint(self.registry, host, port)
+        self._endpoint.announce(f"shard-{self.run}", {"run": self.run, "instance": f"shard/{self.run}", "node": host})
+        self.url = f"http://{self._endpoint.address}/metrics"
         return self.url
 
     def rejected(self, split: str, count: int) -> None:
@@ -49,12 +46,8 @@ class ShardMetrics:
         self.rejected(result.split, len(result.rejects))
 
     def close(self) -> None:
-        if self._target is not None:
-            self._target.remove()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._endpoint is not None:
+            self._endpoint.close()
 
 
 def run_label(dest: str) -> str:

@@ -102,6 +102,33 @@ class LocalTarget:
         self.path.unlink(missing_ok=True)
 
 
+class MetricsEndpoint:
+    """A metrics registry served on ``host:port`` (0: a free port), optionally announced to
+    Prometheus as a local target; ``close()`` undoes both."""
+
+    def __init__(self, registry, host: str, port: int = 0):
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(port, addr=host, registry=registry)
+        port = self._server.server_port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.target: LocalTarget | None = None
+
+    def announce(self, name: str, labels: dict) -> LocalTarget:
+        """Write this endpoint's target file (processes without Ray)."""
+        self.target = LocalTarget(name, self.address, labels)
+        return self.target
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.remove()
+            self.target = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
 # --- Ray: workers register in the GCS, the driver writes the file ----------------------------
 
 def register_ray_target(run: str, rank: int, world_size: int, address: str, labels: dict) -> None:

@@ -37,15 +37,8 @@ def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
 
 def describe(progress: dict) -> str:
     """``epoch 3, step 120, 840 img/s, loss 0.4123, val top-1 91.2%`` from whatever is known yet."""
-    parts = []
-    if progress.get("epoch") is not None:
-        parts.append(f"epoch {progress['epoch']}")
-    if progress.get("step") is not None:
-        parts.append(f"step {progress['step']}")
-    if progress.get("images_per_s") is not None:
-        parts.append(f"{progress['images_per_s']:.0f} img/s")
-    if progress.get("loss") is not None:
-        parts.append(f"loss {progress['loss']:.4f}")
+    shown = (("epoch", "epoch {}"), ("step", "step {}"), ("images_per_s", "{:.0f} img/s"), ("loss", "loss {:.4f}"))
+    parts = [form.format(progress[key]) for key, form in shown if progress.get(key) is not None]
     if progress.get("top1") is not None:
         parts.append(f"val top-1 {100 * progress['top1']:.1f}%")
     elif progress.get("best_top1") is not None:

@@ -56,7 +56,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shlex
 import socket
 import sys
@@ -262,11 +261,6 @@ def _guard_of(job_client):
 
 # --- jobs ---------------------------------------------------------------------------------------
 
-def new_run_name(model_name: str) -> str:
-    """A unique, stable run name, as ``alexray train`` makes them: ``alexnet-20261129-020609-194d6f``."""
-    return f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
 def _absolute(path: str) -> str:
     if path.startswith("s3://"):
         return path
@@ -322,7 +316,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     """
     import yaml
 
-    from workers.config import SpecError, load_spec, spec_from_dict
+    from workers.config import SpecError, load_spec, new_run_name, spec_from_dict
 
     from .preflight import preflight
 

@@ -131,17 +131,26 @@ def _is_zombie(pid: int) -> bool:
 
 def cluster_pids(cluster: LocalCluster) -> list[int]:
     """Live processes of the cluster (Linux /proc)."""
-    marker = f"{MARKER}={cluster.marker}".encode()
-    temp_dir = cluster.temp_dir.rstrip("/") + "/"
+    return _live_pids(f"{MARKER}={cluster.marker}".encode(), cluster.temp_dir)
+
+
+def processes_using(directory: str) -> list[int]:
+    """Live processes whose working directory or an open file is under ``directory`` (Linux /proc)."""
+    return _live_pids(None, directory)
+
+
+def _live_pids(marker: bytes | None, directory: str) -> list[int]:
+    """Processes, other than this one, with ``marker`` in their environment or files under ``directory``."""
+    directory = directory.rstrip("/")
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid() or _is_zombie(int(entry.name)):
             continue
         try:
-            found = marker in (entry / "environ").read_bytes().split(b"\0")
+            found = marker is not None and marker in (entry / "environ").read_bytes().split(b"\0")
             if not found:
                 links = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-                found = any(link.startswith(temp_dir) for link in links)
+                found = any(link == directory or link.startswith(directory + "/") for link in links)
         except OSError:
             continue
         if found:

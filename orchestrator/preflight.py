@@ -62,16 +62,12 @@ def check_run_storage(spec: JobSpec) -> None:
 
 
 def check_run_name(spec: JobSpec) -> dict | None:
-    """A run that already exists under ``run.name`` must be the same job; returns its spec, if any.
-
-    Reusing a name resumes that run from its newest checkpoint (Ray finds it by name and storage),
-    so a different dataset, batch, seed or model under the same name is refused here.
-    """
+    """A run that already exists under ``run.name`` must be the same job; returns its spec, if any."""
     import json
 
     from data_prep.errors import ShardError
     from data_prep.storage import open_storage
-    from workers.config import run_identity, spec_from_dict
+    from workers.config import SpecError, check_same_job
 
     run_dir = f"{spec.run.storage.rstrip('/')}/{spec.run.name}"
     try:
@@ -83,11 +79,10 @@ def check_run_name(spec: JobSpec) -> dict | None:
         raise JobError(f"run.storage: {e}") from None
     except ValueError:
         raise JobError(f"run.name: {run_dir}/spec.json is unreadable; pick a new run.name") from None
-    theirs, ours = run_identity(spec_from_dict(existing)), run_identity(spec)
-    if theirs != ours:
-        changed = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
-        raise JobError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} as a "
-                       f"different job ({changed}); pick a new run.name, or leave it unset for a fresh one")
+    try:
+        check_same_job(existing, spec)
+    except SpecError as e:
+        raise JobError(str(e)) from None
     return existing
 
 

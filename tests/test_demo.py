@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.localcluster import processes_using
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,20 +18,6 @@ def _run_demo(base: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API"))}
     return subprocess.run([sys.executable, "-m", "orchestrator.demo", "--dir", str(base), *extra], cwd=ROOT,
                           env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
-
-
-def _processes_using(directory: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            links = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(link.startswith(directory) for link in links):
-            found.append(entry.name)
-    return found
 
 
 def _prometheus_samples(workdir: Path, metric: str) -> dict[str, float]:
@@ -67,10 +55,10 @@ def test_the_demo_trains_digits_above_90_percent_and_cleans_up(tmp_path):
     assert (base / "ray" / "auth_token").stat().st_mode & 0o077 == 0  # the token is private
     assert "dashboard and Jobs API at http://127.0.0.1:" in out
     temp_dir = _field(r"Ray's files in (\S+)\)", out)
-    assert not Path(temp_dir).exists() and not _processes_using(temp_dir)
+    assert not Path(temp_dir).exists() and not processes_using(temp_dir)
     # Prometheus ran beside the job, scraped the workers, and is gone too.
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ \(Prometheus http://127\.0\.0\.1:\d+", out), out[-3000:]
-    assert any((base / "prometheus" / "data").rglob("*")) and not _processes_using(str(base / "prometheus"))
+    assert any((base / "prometheus" / "data").rglob("*")) and not processes_using(str(base / "prometheus"))
     samples = _prometheus_samples(base / "prometheus", "alexray_train_images_total")
     assert sorted(samples) == ["0", "1"] and min(samples.values()) > 500, samples  # each rank's images, scraped live
 

@@ -46,6 +46,11 @@ def test_resuming_by_run_name_continues_mid_epoch_bitwise(digits, tmp_path):
         log = sample_log(tmp_path / "runs" / run)
         for epoch in (0, 1):
             assert len(log[epoch]) == 18 * 32 and max(log[epoch].values()) == 1
+    # the same name for another job is refused before anything runs
+    proc = subprocess.run([sys.executable, "-m", "workers", "train", str(spec), "--set", "run.name=split",
+                           "--set", "train.seed=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "run.name: a run named 'split' already exists" in error_line(proc)
+    assert "(train.seed 0 -> 5)" in error_line(proc)
     # a new run never picks up an old one's checkpoints
     run_workers(spec, "--set", "train.max_steps=3")
     fresh = [p for p in (tmp_path / "runs").iterdir() if p.name not in ("straight", "split")]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -347,6 +349,24 @@ def run_identity(spec: JobSpec) -> dict:
     return {"data.path": spec.data.path.rstrip("/"), "data.streams": spec.data.streams,
             "train.global_batch_size": spec.train.global_batch_size, "train.seed": spec.train.seed,
             "model.name": spec.model.name, "model.width": spec.model.width}
+
+
+def new_run_name(model_name: str) -> str:
+    """A unique, stable run name: ``alexnet-20261129-020609-194d6f``."""
+    return f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def check_same_job(existing: dict, spec: JobSpec) -> None:
+    """Refuse ``spec`` under the name of an existing run (its ``spec.json``) that is another job.
+
+    Reusing a name resumes that run from its newest checkpoint (Ray finds it by name and storage),
+    so a different dataset, batch, seed or model under the same name is refused.
+    """
+    theirs, ours = run_identity(spec_from_dict(existing)), run_identity(spec)
+    if theirs != ours:
+        changed = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        raise SpecError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} as a "
+                        f"different job ({changed}); pick a new run.name, or leave it unset for a fresh one")
 
 
 def spec_from_dict(data: dict) -> JobSpec:

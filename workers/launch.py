@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import time
 from urllib.parse import urlparse
 
 from .config import JobSpec
 from .runstore import RunStore
 
 log = logging.getLogger("alexray.launch")
-
-
-def new_run_name(spec: JobSpec) -> str:
-    return f"{spec.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def run_dir_of(spec: JobSpec) -> str:
@@ -62,22 +56,18 @@ def check_dataset(path: str) -> None:
 
 def prepare_run(spec: JobSpec) -> str:
     """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
-    from .config import run_identity
+    from .config import check_same_job, new_run_name
 
     if not spec.data.path.startswith("s3://"):
         spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
     check_dataset(spec.data.path)
     if spec.run.name is None:
-        spec.run.name = new_run_name(spec)
+        spec.run.name = new_run_name(spec.model.name)
     run_dir = run_dir_of(spec)
     store = RunStore(run_dir)
     existing = store.read_json("spec.json")
     if existing is not None:
-        from .config import spec_from_dict
-
-        if run_identity(spec_from_dict(existing)) != run_identity(spec):
-            raise ValueError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} "
-                             "with a different data path, batch, seed or model; pick a new run.name")
+        check_same_job(existing, spec)
     else:
         store._write_json("spec.json", spec.to_dict())
     return run_dir

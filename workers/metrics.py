@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from orchestrator import discovery
 
@@ -96,13 +96,12 @@ class WorkerMetrics(NullMetrics):
                  ).set_function(lambda: torch.cuda.memory_allocated(device))
             make(Gauge, "alexray_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch's caching allocator"
                  ).set_function(lambda: torch.cuda.memory_reserved(device))
-        self._server = None
-        self._local_target = None
+        self._endpoint: discovery.MetricsEndpoint | None = None
 
     def serve(self, host: str) -> str:
         """Start the HTTP endpoint on ``host`` and a free port; returns ``host:port``."""
-        self._server, _ = start_http_server(0, addr=host, registry=self.registry)
-        self.address = f"[{host}]:{self._server.server_port}" if ":" in host else f"{host}:{self._server.server_port}"
+        self._endpoint = discovery.MetricsEndpoint(self.registry, host)
+        self.address = self._endpoint.address
         return self.address
 
     def timed(self, batches):
@@ -148,12 +147,8 @@ class WorkerMetrics(NullMetrics):
         self._ckpt_last.set(time.time())
 
     def close(self) -> None:
-        if self._local_target is not None:
-            self._local_target.remove()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._endpoint is not None:
+            self._endpoint.close()
 
 
 def _ray_node_ip() -> str:
@@ -197,8 +192,7 @@ def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_ep
         else:
             import atexit
 
-            metrics._local_target = discovery.LocalTarget(run, address, labels)
-            atexit.register(metrics._local_target.remove)
+            atexit.register(metrics._endpoint.announce(run, labels).remove)
     except Exception as e:  # noqa: BLE001 - monitoring must never stop training
         log.warning("metrics: endpoint not started (%s: %s); training continues without it", type(e).__name__, e)
         if metrics is not None:
