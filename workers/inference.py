@@ -31,8 +31,7 @@ from data_prep.storage import is_s3_url, open_storage
 
 from . import checkpoint as ckpt
 from .data import SplitInfo, eval_batches, load_manifest, split_info
-from .models import build_model
-from .transforms import to_model_input
+from .models import build_model, class_probabilities
 
 log = logging.getLogger("alexray.inference")
 
@@ -301,10 +300,7 @@ def evaluate_part(model: torch.nn.Module, info: dict, split: SplitInfo, parts: i
         skipped += batch["skipped"]
         labels = batch["labels"]
         if len(labels):
-            images = batch["images"]
-            crops = images.shape[1] if images.dim() == 5 else 1
-            flat = images.flatten(0, 1) if crops > 1 else images
-            probs = model(to_model_input(flat)).float().softmax(-1).view(len(labels), crops, -1).mean(1)
+            probs = class_probabilities(model, batch["images"])
             top = probs.topk(min(5, classes), dim=1).indices
             np.add.at(confusion, (labels.numpy(), top[:, 0].numpy()), 1)
             hits = (top == labels[:, None]).any(1).numpy()
@@ -502,10 +498,7 @@ def predict(loaded: LoadedModel, inputs: list[str], ten_crop: bool = False, batc
             return
         images = torch.from_numpy(np.stack([crops for _, crops in pending]))
         images = images.permute(0, 1, 4, 2, 3) if ten_crop else images.permute(0, 3, 1, 2)
-        crops_per = images.shape[1] if ten_crop else 1
-        flat = images.flatten(0, 1) if ten_crop else images
-        probs = loaded.model(to_model_input(flat.contiguous())).float().softmax(-1)
-        probs = probs.view(len(pending), crops_per, -1).mean(1)
+        probs = class_probabilities(loaded.model, images.contiguous())
         values, indices = probs.topk(k, dim=1)
         for (slot, _), vs, ix in zip(pending, values.tolist(), indices.tolist()):
             results[slot].top = [{"index": i, "name": names[i], "probability": round(v, 6)} for v, i in zip(vs, ix)]

@@ -309,3 +309,17 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes
     return model
+
+
+def class_probabilities(model: nn.Module, images: torch.Tensor, channels_last: bool = False,
+                        use_bf16: bool = False) -> torch.Tensor:
+    """Class probabilities for uint8 crops ``(N, C, H, W)``, or for stacks of crops ``(N, K, C, H, W)``
+    averaged over each stack (the paper's 10-crop evaluation averages the predictions, not the logits)."""
+    from .transforms import to_model_input
+
+    crops = images.shape[1] if images.dim() == 5 else 1
+    flat = images.flatten(0, 1) if crops > 1 else images
+    x = to_model_input(flat, None, channels_last, torch.float32)
+    with torch.autocast(flat.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        logits = model(x).float()
+    return logits.softmax(-1).view(len(images), crops, -1).mean(1)

@@ -26,7 +26,7 @@ from .config import run_identity as identity
 from .data import eval_batches, load_manifest, split_info, train_batches
 from .finetune import load_backbone, param_groups
 from .metrics import worker_metrics
-from .models import build_model
+from .models import build_model, class_probabilities
 from .runstore import RunStore
 from .sampling import plan_epoch
 from .transforms import to_model_input
@@ -186,12 +186,7 @@ def evaluate(model, spec: JobSpec, split, session: Session, use_bf16: bool, chan
         if not len(labels):
             continue
         images = batch["images"].to(session.device, non_blocking=True)
-        crops = images.shape[1] if images.dim() == 5 else 1
-        flat = images.flatten(0, 1) if crops > 1 else images
-        x = to_model_input(flat, None, channels_last, torch.float32)
-        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x).float()
-        probs = logits.softmax(-1).view(len(labels), crops, -1).mean(1)  # 10-crop: average the predictions
+        probs = class_probabilities(model, images, channels_last, use_bf16)
         top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(1).sum().item()
