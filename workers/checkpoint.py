@@ -106,21 +106,30 @@ def save(directory: str | Path, rank: int, state: TrainState | None, model_state
     os.replace(tmp, directory / COMPLETE)
 
 
-def check_complete(directory: str | Path) -> None:
+def check_complete(directory: str | Path, names: tuple[str, ...] | None = None, where: str | None = None) -> None:
+    """Refuse a checkpoint without ``complete.json`` or whose files differ from it.
+
+    ``names``: check only these files, which must be listed (default: every file listed);
+    ``where``: the checkpoint's address in messages (default: the directory).
+    """
     directory = Path(directory)
+    where = where or str(directory)
     marker = directory / COMPLETE
     if not marker.is_file():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE}): it was being written "
-                              "when the run stopped; resume from an earlier checkpoint")
+        raise CheckpointError(f"{where} is not a complete checkpoint (no {COMPLETE}): it was being written when its "
+                              "run stopped, or it is not an alexray checkpoint; use an earlier checkpoint of the run")
     try:
-        manifest = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{marker} is unreadable; resume from an earlier checkpoint") from None
-    for name, expected in manifest.get("files", {}).items():
+        files = json.loads(marker.read_text())["files"]
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in (names or files)}
+    except (ValueError, KeyError, TypeError):
+        listing = f"list {' and '.join(names)}" if names else "list its files"
+        raise CheckpointError(f"{where}/{COMPLETE} is unreadable or does not {listing}: not an alexray checkpoint; "
+                              "pass a directory written by 'alexray train'") from None
+    for name, (size, crc) in expected.items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != expected["bytes"] or _crc32(path) != expected["crc32"]:
-            raise CheckpointError(f"{path} is missing or differs from {COMPLETE}: the checkpoint is damaged; "
-                                  "resume from an earlier checkpoint")
+        if not path.is_file() or path.stat().st_size != size or _crc32(path) != crc:
+            raise CheckpointError(f"{where}/{name} is missing, truncated or damaged (it differs from {COMPLETE}); "
+                                  "use an earlier checkpoint of the run")
 
 
 def load_state(directory: str | Path) -> TrainState:

@@ -71,26 +71,6 @@ def describe(info: dict) -> str:
     return f"{info.get('name')} (width {info.get('width')}, {info.get('num_classes')} classes)"
 
 
-def _verify(directory: Path, names: tuple[str, ...], where: str) -> None:
-    """Check ``names`` against complete.json: a half-written or damaged checkpoint is never used."""
-    marker = directory / ckpt.COMPLETE
-    if not marker.is_file():
-        raise ckpt.CheckpointError(f"{where} is not a complete checkpoint (no {ckpt.COMPLETE}): it was being "
-                                   "written when its run stopped, or it is not an alexray checkpoint; pass an "
-                                   "earlier checkpoint or the run directory")
-    try:
-        files = json.loads(marker.read_text())["files"]
-        expected = {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in names}
-    except (ValueError, KeyError, TypeError):
-        raise ckpt.CheckpointError(f"{where}/{ckpt.COMPLETE} does not list {' and '.join(names)}: not an alexray "
-                                   "model checkpoint; pass a directory written by 'alexray train'") from None
-    for name, (size, crc) in expected.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != size or ckpt._crc32(path) != crc:
-            raise ckpt.CheckpointError(f"{where}/{name} is missing, truncated or damaged (it differs from "
-                                       f"{ckpt.COMPLETE}); use another checkpoint of the run")
-
-
 def _newest_first(dirs: list[str]) -> list[str]:
     def order(name: str) -> tuple[int, int]:
         match = CHECKPOINT_DIR.fullmatch(name.rstrip("/").rpartition("/")[2])
@@ -156,7 +136,7 @@ def checkpoint_dir(location: str, names: tuple[str, ...] = MODEL_FILES) -> Itera
                     if storage.exists(name):
                         (Path(tmp) / name).write_bytes(storage.read_bytes(name))
                 try:
-                    _verify(Path(tmp), names, where)
+                    ckpt.check_complete(Path(tmp), names, where)
                 except ckpt.CheckpointError as e:
                     errors.append(str(e))
                     continue
@@ -167,7 +147,7 @@ def checkpoint_dir(location: str, names: tuple[str, ...] = MODEL_FILES) -> Itera
         path = Path(location).expanduser().absolute()
         for candidate in _local_candidates(path):
             try:
-                _verify(candidate, names, str(candidate))
+                ckpt.check_complete(candidate, names, str(candidate))
             except ckpt.CheckpointError as e:
                 errors.append(str(e))
                 continue
