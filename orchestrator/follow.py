@@ -17,22 +17,21 @@ from .jobs import JobError
 
 
 def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
-    """Steps the run will take: epochs x steps per epoch, capped by train.max_steps."""
+    """Steps the run will take, from its spec.json; None while that is not known."""
     import json
 
     from data_prep.errors import ShardError
     from data_prep.storage import open_storage
+    from workers.config import planned_steps, spec_from_dict
 
     per_epoch = progress.get("steps_per_epoch")
     if not per_epoch:
         return None
     try:
-        spec = json.loads(open_storage(f"{storage.rstrip('/')}/{run_name}").read_bytes("spec.json"))
-    except (ShardError, OSError, ValueError):
+        spec = spec_from_dict(json.loads(open_storage(f"{storage.rstrip('/')}/{run_name}").read_bytes("spec.json")))
+    except (ShardError, OSError, ValueError):  # SpecError is a ValueError
         return None
-    total = spec["train"]["epochs"] * per_epoch
-    max_steps = spec["train"].get("max_steps")
-    return min(total, max_steps) if max_steps else total
+    return planned_steps(spec, per_epoch)
 
 
 def describe(progress: dict) -> str:

@@ -351,6 +351,12 @@ def run_identity(spec: JobSpec) -> dict:
             "model.name": spec.model.name, "model.width": spec.model.width}
 
 
+def planned_steps(spec: JobSpec, steps_per_epoch: int) -> int:
+    """Steps the run takes in all: epochs x steps per epoch, capped by ``train.max_steps``."""
+    total = steps_per_epoch * spec.train.epochs
+    return min(total, spec.train.max_steps) if spec.train.max_steps else total
+
+
 def new_run_name(model_name: str) -> str:
     """A unique, stable run name: ``alexnet-20261129-020609-194d6f``."""
     return f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

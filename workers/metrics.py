@@ -16,6 +16,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from orchestrator import discovery
+from .config import planned_steps
 
 log = logging.getLogger("alexray.metrics")
 disable_created_metrics()  # no *_created series: every name stays a documented one
@@ -161,11 +162,6 @@ def _ray_node_ip() -> str:
         if node["NodeID"] == node_id:
             return node["NodeManagerAddress"]
     return ray.util.get_node_ip_address()
-
-
-def planned_steps(spec, steps_per_epoch: int) -> int:
-    total = steps_per_epoch * spec.train.epochs
-    return min(total, spec.train.max_steps) if spec.train.max_steps else total
 
 
 def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_epoch: int, device=None,
