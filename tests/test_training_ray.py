@@ -39,6 +39,14 @@ def _progress_step(run_dir: Path) -> int:
         return -1
 
 
+def _registered(run_dir: Path) -> str | None:
+    """The newest checkpoint Ray has registered: the one a restart resumes from."""
+    try:
+        return read_json(run_dir / "checkpoint_manager_snapshot.json")["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _train_workers() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
@@ -79,10 +87,10 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
                         debug={"sample_log": True, "step_delay": 0.15, "checkpoint_delay": 2.0})
     run_dir = tmp_path / "runs" / "faulty"
     proc = start_alexray("train", faulty, env=env)
-    # 1) mid-epoch, between the checkpoints of steps 6 and 12, once the first one is uploaded
-    first = run_dir / "checkpoint_e0000_s000000006" / "complete.json"
-    _wait_for(lambda: _progress_step(run_dir) >= 9 and first.exists(), proc, what="step 9")
-    time.sleep(3.0)  # Ray's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+    # 1) mid-epoch, between the checkpoints of steps 6 and 12, once Ray has taken the first one (its
+    # controller collects reports every 2 s; the step-12 one takes checkpoint_delay longer than that)
+    _wait_for(lambda: _progress_step(run_dir) >= 9 and _registered(run_dir) == "checkpoint_e0000_s000000006", proc,
+              what="step 9 with the step-6 checkpoint registered")
     killed_at = time.monotonic()
     os.kill(_train_workers()[0], signal.SIGKILL)
     # 2) during the write of the epoch-end checkpoint (step 18): the worker sleeps before complete.json
