@@ -467,15 +467,13 @@ def run_progress(storage: str, run_name: str) -> dict:
         out["progress_time"] = progress.get("time")
         attempts = [o for o in store.list("attempts/") if o.name.endswith(".json")]
         out["restarts"] = max(0, len(attempts) - 1) if attempts else None
-        # The newest checkpoint Ray has registered is the one a restart or 'alexray resume' continues
-        # from; a newer directory may exist whose report Ray had not taken when the job stopped.
+        # Only a checkpoint Ray has registered is one a restart or 'alexray resume' continues from: a
+        # complete directory whose (async) report Ray had not taken when the job stopped is not, so it
+        # is not shown - a job stopped before its first registration resumes from step 0.
         registered = ((read("checkpoint_manager_snapshot.json") or {}).get("latest_checkpoint_result") or {})
-        checkpoints = sorted({o.name.split("/")[0] for o in store.list("checkpoint_")
-                              if o.name.endswith("/complete.json") and o.name.count("/") == 1})
         newest = registered.get("checkpoint_dir_name")
-        if newest not in checkpoints:
-            newest = checkpoints[-1] if checkpoints else None
-        out["newest_checkpoint"] = f"{run_dir}/{newest}" if newest else None
+        if newest and store.exists(f"{newest}/complete.json"):
+            out["newest_checkpoint"] = f"{run_dir}/{newest}"
         best = read("best/metrics.json") or {}
         out["best_top1"] = best.get("val_top1")
         summary = read("summary.json")

@@ -182,6 +182,23 @@ def test_importing_the_orchestrator_needs_no_torch():
 
 # --- against the cluster ------------------------------------------------------------------------
 
+def test_newest_checkpoint_is_the_one_ray_registered(tmp_path):
+    """A complete directory whose async report Ray never took (the job stopped first) is not what a
+    resume continues from, so status does not show it."""
+    run_dir = tmp_path / "run-a"
+    for name in ("checkpoint_e0000_s000000003", "checkpoint_e0000_s000000006"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "complete.json").write_text("{}")
+    assert jobs.run_progress(str(tmp_path), "run-a")["newest_checkpoint"] is None
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_e0000_s000000003"}}))
+    assert jobs.run_progress(str(tmp_path), "run-a")["newest_checkpoint"] == f"{run_dir}/checkpoint_e0000_s000000003"
+
+    (run_dir / "checkpoint_e0000_s000000003" / "complete.json").unlink()
+    assert jobs.run_progress(str(tmp_path), "run-a")["newest_checkpoint"] is None
+
+
 def test_token_auth_is_on_and_wrong_or_missing_tokens_are_refused(token_env, monkeypatch):
     address = token_env["address"]
     assert requests.get(f"{address}/api/authentication_mode", timeout=5).json()["authentication_mode"] == "token"

@@ -220,7 +220,9 @@ def test_ddp_across_nodes_then_a_lost_node_is_replaced(nodes, s3_digits, tmp_pat
     _wait(lambda: _progress(s3_server, "node-loss").get("step", 0) >= 2, 240, "the first steps", proc)
     placed = nodes.node_of_training_workers()
     assert len(placed) == 2 and len(set(placed)) == 2, placed  # one DDP worker on each worker node
-    _wait(lambda: _progress(s3_server, "node-loss").get("step", 0) >= 7, 120, "step 7", proc)
+    # mid-epoch, once Ray has taken a checkpoint's report (the one a restart resumes from)
+    _wait(lambda: (_progress(s3_server, "node-loss").get("step", 0) >= 7
+                   and _registered_checkpoint(s3_server, "node-loss")), 120, "step 7 with a checkpoint registered", proc)
 
     lost = nodes.workers[1]
     nodes.lose(lost)
