@@ -31,8 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _training_workers(cluster: dict) -> list[int]:
-    return [p for p in cluster_pids(cluster["cluster"]) if "RayTrainWorker" in command_line(p)]
+def _training_workers(cluster: dict, *actors: str) -> list[int]:
+    actors = actors or ("RayTrainWorker",)
+    return [p for p in cluster_pids(cluster["cluster"]) if any(a in command_line(p) for a in actors)]
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +372,9 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(token_env, digits, t
     _wait(lambda: (s := jobs.status(address, job_id))["newest_checkpoint"] and s["step"] >= 5, 180,
           "a checkpoint of the running job")
     assert jobs.stop(address, job_id, timeout=60)["status"] == "STOPPED"
+    # Ray ends the job's actors just after its driver: until then the controller may still register one
+    _wait(lambda: not _training_workers(token_env, "RayTrainWorker", "TrainController"), 60,
+          "the stopped job's controller and workers to exit")
     checkpoint = jobs.status(address, run_name)["newest_checkpoint"]
     checkpoint_step = int(checkpoint.rsplit("_s", 1)[1])
     assert checkpoint_step >= 3
