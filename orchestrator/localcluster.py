@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "ALEXRAY_LOCAL_CLUSTER"
+# Ray's switch for a single-node cluster on loopback (its macOS default). Unset, Ray swaps
+# 127.0.0.1 for the machine's address and its GCS, raylet and agents listen on every interface;
+# set to 0, the node address stays 127.0.0.1 and every server listens on loopback only. Every
+# process that talks to such a cluster (drivers, 'ray' commands) needs it too: the cluster's env has it.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class ClusterStartError(RuntimeError):
@@ -54,8 +59,12 @@ def _ray_binary() -> str:
 
 def start_local_cluster(num_cpus: int, dashboard: bool = True, token_auth: bool = True,
                         env: dict | None = None, token_file: str | Path | None = None,
-                        temp_dir: str | None = None, timeout: float = 180.0) -> LocalCluster:
+                        temp_dir: str | None = None, timeout: float = 180.0,
+                        loopback_only: bool = True) -> LocalCluster:
     """Start a one-node Ray cluster listening on 127.0.0.1 only.
+
+    ``loopback_only=False`` lets more nodes join ('ray start --address'): Ray then gives the head
+    the machine's address and listens on every interface (the dashboard stays on 127.0.0.1).
 
     With ``token_auth`` a fresh token is written to ``token_file`` (default: in the temp dir,
     mode 0600) and the cluster runs with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``
@@ -69,6 +78,11 @@ def start_local_cluster(num_cpus: int, dashboard: bool = True, token_auth: bool 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     marker = secrets.token_hex(8)
     base.update({MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    if loopback_only:
+        base.update(LOOPBACK_ONLY)
+    else:
+        for name in LOOPBACK_ONLY:
+            base.pop(name, None)
     token = None
     if token_auth:
         token = secrets.token_hex(32)

@@ -200,6 +200,19 @@ def test_newest_checkpoint_is_the_one_ray_registered(tmp_path):
     assert jobs.run_progress(str(tmp_path), "run-a")["newest_checkpoint"] is None
 
 
+def test_the_local_cluster_listens_on_loopback_only(jobs_cluster):
+    """Ray's Jobs API and core servers run code for whoever reaches them: nothing of the cluster
+    (GCS, raylet, agents, dashboard) may listen beyond 127.0.0.1."""
+    from tests.support.sockets import listening_addresses
+
+    listening = listening_addresses(cluster_pids(jobs_cluster["cluster"]))
+    everything = {address for addresses in listening.values() for address in addresses}
+    assert len(everything) >= 5, listening  # the GCS, raylet, agents and dashboard were found
+    exposed = {f"{command_line(pid)[:60]}: {ip}:{port}" for pid, addresses in listening.items()
+               for ip, port in addresses if not ip.is_loopback}
+    assert not exposed, sorted(exposed)
+
+
 def test_token_auth_is_on_and_wrong_or_missing_tokens_are_refused(token_env, monkeypatch):
     address = token_env["address"]
     assert requests.get(f"{address}/api/authentication_mode", timeout=5).json()["authentication_mode"] == "token"

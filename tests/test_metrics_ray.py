@@ -78,7 +78,7 @@ def monitored(tmp_path_factory):
     home = root / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "RAY_DEDUP_LOGS": "0", discovery.TARGETS_ENV: str(targets)}
-    cluster = start_local_cluster(num_cpus=1, dashboard=False, token_auth=False, env=env)
+    cluster = start_local_cluster(num_cpus=1, dashboard=False, token_auth=False, env=env, loopback_only=False)
     prom = proc = None
     try:
         # A second node with its own temp dir inside the cluster's, so teardown finds its processes.

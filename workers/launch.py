@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from urllib.parse import urlparse
 
 from .config import JobSpec
@@ -75,6 +76,11 @@ def prepare_run(spec: JobSpec) -> str:
 
 def launch(spec: JobSpec, address: str | None = None) -> dict:
     """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it."""
+    from orchestrator.localcluster import LOOPBACK_ONLY
+
+    if not address and "ray" not in sys.modules:  # Ray reads the switch when it is imported
+        for name, value in LOOPBACK_ONLY.items():
+            os.environ.setdefault(name, value)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
