@@ -23,17 +23,12 @@ from orchestrator import jobs
 from orchestrator.jobs import JobError
 from orchestrator.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
 from tests.support.waiting import wait_until
-from tests.trainingtools import sharded_digits, write_spec
+from tests.trainingtools import ray_train_pids, sharded_digits, write_spec
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _training_workers(cluster: dict, *actors: str) -> list[int]:
-    actors = actors or ("RayTrainWorker",)
-    return [p for p in cluster_pids(cluster["cluster"]) if any(a in command_line(p) for a in actors)]
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +284,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert run_name == "to-stop"
     status = _wait(lambda: (s := jobs.status(address, job_id))["step"] is not None and s, 150, "the first step")
     assert status["status"] == "RUNNING" and status["restarts"] == 0
-    assert len(_training_workers(token_env)) == 2
+    assert len(ray_train_pids(token_env["cluster"])) == 2
 
     result = jobs.stop(address, job_id, timeout=60)
     assert result == {"job_id": job_id, "run_name": "to-stop", "stop_requested": True, "status": "STOPPED"}
@@ -297,7 +292,7 @@ def test_stop_a_running_job(token_env, digits, tmp_path):
     assert after["status"] == "STOPPED" and after["summary"] is None and after["step"] < 500
 
     def workers_gone():
-        return not _training_workers(token_env)
+        return not ray_train_pids(token_env["cluster"])
 
     _wait(workers_gone, 60, "the stopped job's training workers to exit")
     assert jobs.stop(address, job_id)["stop_requested"] is False  # already stopped
@@ -386,7 +381,7 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(token_env, digits, t
           "a checkpoint of the running job")
     assert jobs.stop(address, job_id, timeout=60)["status"] == "STOPPED"
     # Ray ends the job's actors just after its driver: until then the controller may still register one
-    _wait(lambda: not _training_workers(token_env, "RayTrainWorker", "TrainController"), 60,
+    _wait(lambda: not ray_train_pids(token_env["cluster"], "RayTrainWorker", "TrainController"), 60,
           "the stopped job's controller and workers to exit")
     checkpoint = jobs.status(address, run_name)["newest_checkpoint"]
     checkpoint_step = int(checkpoint.rsplit("_s", 1)[1])

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator import discovery
-from orchestrator.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
+from orchestrator.localcluster import start_local_cluster, stop_local_cluster
 from orchestrator.prometheus import Prometheus, free_port, start_prometheus
 from tests.support.waiting import wait_until
-from tests.trainingtools import sharded_digits, write_spec
+from tests.trainingtools import ray_train_pids, sharded_digits, write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "watched"
@@ -60,10 +60,6 @@ def _nodes(monitored) -> set[str]:
     nodes = {e["labels"]["node"] for e in entries}
     assert nodes == {e["targets"][0].rsplit(":", 1)[0] for e in entries}  # bound where the label says
     return nodes
-
-
-def _train_workers(cluster) -> list[int]:
-    return [p for p in cluster_pids(cluster) if "RayTrainWorker" in command_line(p)]
 
 
 def _parent(pid: int) -> int:
@@ -116,7 +112,7 @@ def test_prometheus_scrapes_every_worker_of_a_two_node_run(monitored):
         monitored.proc)
     assert all(v > 0 for v in rates.values()), rates
     # the two workers live under two different raylets: two nodes
-    workers = _train_workers(monitored.cluster)
+    workers = ray_train_pids(monitored.cluster)
     assert len(workers) == 2 and len({_parent(p) for p in workers}) == 2, workers
     entries = json.loads((monitored.targets / f"{RUN}.json").read_text())
     assert sorted(e["labels"]["rank"] for e in entries) == ["0", "1"]
@@ -170,7 +166,7 @@ def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
     prom = monitored.prom
     assert max(_per_rank(prom, f"alexray_worker_restarts_total{{{SEL}}}").values()) == 0
     killed_at = time.time()
-    os.kill(_train_workers(monitored.cluster)[0], signal.SIGKILL)
+    os.kill(ray_train_pids(monitored.cluster)[0], signal.SIGKILL)
 
     def restarted_and_training():
         restarts = _per_rank(prom, f"alexray_worker_restarts_total{{{SEL}}}")

@@ -259,20 +259,6 @@ def test_data_with_other_classes_needs_finetune(pretrained, digits, capsys, tmp_
     assert not (tmp_path / "runs").exists()  # refused before any run was created
 
 
-@pytest.mark.parametrize("override, message", [
-    ("finetune.freeze_features=true", "finetune.freeze_features: only applies with finetune.from_checkpoint"),
-    ("finetune.backbone_lr_mult=0.1", "finetune.backbone_lr_mult: only applies with finetune.from_checkpoint"),
-    ("finetune.from_checkpoint=''", "finetune.from_checkpoint: empty"),
-    ("finetune.from=x", "finetune.from: unknown key"),
-])
-def test_finetune_spec_section_is_validated(override, message):
-    from workers.config import SpecError, load_spec
-
-    with pytest.raises(SpecError) as error:
-        load_spec({"data": {"path": "/data/shards"}}, [override])
-    assert message in str(error.value)
-
-
 # ---- fine-tuning ------------------------------------------------------------------------------------
 
 def test_finetuning_beats_training_from_scratch_and_resumes(pretrained, digits, tmp_path):

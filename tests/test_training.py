@@ -170,6 +170,10 @@ def test_gpu_benchmark_script_runs_on_cpu(digits, tmp_path):
     ("aws.secret_access_key=x", "aws.secret_access_key: specs must not carry secrets"),
     ("data.path=s3://user:pass@bucket/x", "data.path: a URL with an embedded password"),
     ("nonsense", "expected section.field=value"),
+    ("finetune.freeze_features=true", "finetune.freeze_features: only applies with finetune.from_checkpoint"),
+    ("finetune.backbone_lr_mult=0.1", "finetune.backbone_lr_mult: only applies with finetune.from_checkpoint"),
+    ("finetune.from_checkpoint=''", "finetune.from_checkpoint: empty"),
+    ("finetune.from=x", "finetune.from: unknown key"),
 ])
 def test_spec_validation_names_the_field(override, message):
     from workers.config import SpecError, load_spec

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.localcluster import LocalCluster, cluster_pids, command_line
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 
@@ -17,6 +18,12 @@ def sharded_digits(root: Path, train_per_class: int = 60, val_per_class: int = 1
     dest = root / "shards"
     run_alexray("shard", root / "digits", dest, "--shard-size", shard_size, check=True)
     return dest
+
+
+def ray_train_pids(cluster: LocalCluster, *actors: str) -> list[int]:
+    """The cluster's processes running these Ray Train actors (default: the training workers)."""
+    actors = actors or ("RayTrainWorker",)
+    return [p for p in cluster_pids(cluster) if any(a in command_line(p) for a in actors)]
 
 
 def write_spec(path: Path, dataset: str, storage: str, **sections) -> Path:
