@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,14 @@ def nodes(tmp_path_factory, s3_server):
     from ray.cluster_utils import Cluster
 
     marker = secrets.token_hex(8)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths have a length limit
+    # Short (socket paths have a length limit) and the cluster's own: `Cluster` writes the head's
+    # address to `ray_current_cluster` under Ray's default temp root, which a fresh machine lacks,
+    # so that root is pointed here and created, and nodes started without a temp_dir use it too.
+    root = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    temp_dir = os.path.join(root, "ray")
+    os.mkdir(temp_dir)
     with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", root)
         # Every process of the cluster inherits this environment: an isolated HOME (no token from
         # elsewhere), the S3 server's credentials (nodes use their own chain), and a marker that
         # finds them all at teardown.
@@ -98,6 +105,7 @@ def nodes(tmp_path_factory, s3_server):
         finally:
             cluster.shutdown()
             left = stop_local_cluster(LocalCluster(cluster.address, None, temp_dir, marker, None))
+            shutil.rmtree(root, ignore_errors=True)
             assert not left, f"Ray processes left behind: {left}"
 
 
