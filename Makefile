@@ -1,11 +1,11 @@
-# alexray: make install | make test | make demo | make bench
+# alexray: make install | make test | make test-fast | make demo | make bench
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install system-deps deps-prometheus deps-chromium test demo bench clean
+.PHONY: install system-deps deps-prometheus deps-chromium test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ system-deps: deps-prometheus deps-chromium
 
 test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# The tests that start no SeaweedFS, Ray, Prometheus or chromium and train only briefly (tests/conftest.py
+# marks the rest heavy).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not heavy"
 
 demo: install deps-prometheus
 	$(BIN)/python -m orchestrator.demo --dir $(DEMO_DIR)

@@ -16,8 +16,8 @@ from bench.common import WORK  # noqa: E402
 
 # Imported only when run, in this order: the sharding suite must not pay for torch being loaded in
 # its worker processes' parent (the training suites import it).
-SUITES = {"shard": "bench.shard_bench", "loader": "bench.loader_bench", "train": "bench.train_bench",
-          "export": "bench.export_bench", "metrics": "bench.metrics_bench"}
+SUITES = {"shard": "bench.shard_bench", "tar": "bench.tar_bench", "loader": "bench.loader_bench",
+          "train": "bench.train_bench", "export": "bench.export_bench", "metrics": "bench.metrics_bench"}
 
 
 def main(argv: list[str]) -> int:

@@ -58,7 +58,10 @@ def shard_parser(prog: str = "alexray shard") -> argparse.ArgumentParser:
     p.add_argument("--max-reject-fraction", type=float, default=0.001,
                    help="exit non-zero when more than this fraction of inputs is rejected (default 0.001)")
     p.add_argument("--ray", metavar="ADDRESS", default=None,
-                   help="write shards as Ray tasks on this cluster ('auto' or host:port); SRC must be readable on every node")
+                   help="write shards as Ray tasks on this cluster ('auto' or host:port); SRC must be readable on every "
+                        "node and DEST an s3:// URL (or see --shared-fs)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="with --ray and a local DEST: DEST is on a file system every node mounts at the same path")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics (images, bytes, rejects) on 127.0.0.1:PORT while sharding "
@@ -99,7 +102,8 @@ def run_shard(argv: list[str]) -> int:
         shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
         resize_short_side=args.resize_short_side, quality=args.quality, check=args.check,
         max_pixels=args.max_pixels, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
-        max_reject_fraction=args.max_reject_fraction, ray_address=args.ray, progress=not args.no_progress,
+        max_reject_fraction=args.max_reject_fraction, ray_address=args.ray, shared_fs=args.shared_fs,
+        progress=not args.no_progress,
     )
     metrics = None
     if args.metrics_port is not None:

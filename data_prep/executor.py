@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from .errors import ShardError
 from .storage import apply_storage_env, storage_env
 
 _counters = None  # (images, bytes) shared with the parent, set in each pool process
@@ -141,7 +142,12 @@ class RayExecutor(Executor):
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
             for ref in done:
-                result, n_images, n_bytes, node = ray.get(ref)
+                try:
+                    result, n_images, n_bytes, node = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, ShardError):  # the one-line error, not Ray's traceback around it
+                        raise e.cause from None
+                    raise
                 self.nodes[node] = self.nodes.get(node, 0) + 1
                 images, nbytes = images + n_images, nbytes + n_bytes
                 progress.update(images, nbytes)

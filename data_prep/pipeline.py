@@ -2,11 +2,16 @@
 
 Order of work, and why:
 1. Check DEST is writable and SRC holds images: every usage error surfaces before any output.
+   Then take DEST's lease (``data_prep.lease``): a second run into the same DEST is refused.
 2. Probe every file (cheap, parallel): rejects are known before planning, so shards come out
    equal-sized and any worker can write any shard from the plan alone.
 3. Resume: a shard whose ``_progress/`` record matches this run's fingerprint, size and sha256 is
    kept; every other shard is (re)written.
-4. ``manifest.json`` last, then the progress records are removed.
+4. ``manifest.json`` last, then the progress records are removed and the lease given back.
+
+On a Ray cluster each task builds its shard in the temporary directory of the node it runs on
+(machines share no /tmp) and uploads it from there; a local DEST is written directly by every
+node, so it must be on a shared file system (``shared_fs``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,18 @@ from pathlib import Path
 from .errors import EXIT_FAILED, ShardError
 from .executor import Progress, RayExecutor, default_workers, make_executor
 from .images import REJECT, ImageOptions, probe_image
+from .lease import LEASE_NAME, Lease
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
+from .s3storage import UPLOADS_DIR
 from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, build_shard, plan_split, planned_sample,
                      publish_shard, write_shard)
 from .sources import SourceDataset, scan_source
-from .storage import Storage, open_storage
+from .storage import WRITE_PROBE, LocalStorage, Storage, open_storage
 
 log = logging.getLogger(__name__)
-_SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+SPLIT_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # shard names are {split}-{index:06d}.tar
+_SPLIT_RE = re.compile(f"^{SPLIT_NAME}$")
+_SHARD_RE = re.compile(f"^{SPLIT_NAME}-\\d{{6}}\\.tar$")
 PROBE_CHUNK = 256
 
 
@@ -52,6 +61,7 @@ class ShardConfig:
     overwrite: bool = False  # replace a different dataset already at DEST
     max_reject_fraction: float = 0.001  # exit non-zero when more inputs than this are rejected
     ray_address: str | None = None  # spread the work over this Ray cluster
+    shared_fs: bool = False  # with ray_address: a local DEST is one directory every node mounts at the same path
     progress: bool = True  # show progress bars
 
     def __post_init__(self):
@@ -63,6 +73,10 @@ class ShardConfig:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
         if not 0 <= self.max_reject_fraction <= 1:
             raise ValueError(f"max_reject_fraction must be in [0, 1], not {self.max_reject_fraction}")
+        for split in self.splits or ():
+            if not _SPLIT_RE.match(split):
+                raise ValueError(f"splits: {split!r} cannot name shards; use a split folder named with letters, "
+                                 "digits, '_', '-' and '.'")
         self.image_options()  # validates the image fields
 
     def image_options(self) -> ImageOptions:
@@ -137,8 +151,9 @@ def _check_existing(storage: Storage, fingerprint: str, config: ShardConfig) -> 
 
 
 def _ours(name: str) -> bool:
-    return (name == MANIFEST_NAME or name.startswith(PROGRESS_DIR + "/") or bool(_SHARD_RE.match(name))
-            or ".partial-" in name)
+    # write probes and partial files included: another run checking DEST leaves them for a moment
+    return (name in (MANIFEST_NAME, LEASE_NAME) or name.startswith((PROGRESS_DIR + "/", UPLOADS_DIR + "/", WRITE_PROBE))
+            or bool(_SHARD_RE.match(name)) or ".partial-" in name)
 
 
 def _completed_shards(storage: Storage, plans: list[ShardPlan], fingerprint: str) -> dict[str, ShardResult]:
@@ -176,9 +191,22 @@ def _remove_stale(storage: Storage, plans: list[ShardPlan], keep: set[str]) -> N
 
 def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None) -> ShardSummary:
     """``metrics``: a ``data_prep.metrics.ShardMetrics`` to count into, or None."""
-    storage = open_storage(dest)
+    storage = open_storage(dest, record_uploads=True)
+    if config.ray_address and isinstance(storage, LocalStorage) and not config.shared_fs:
+        raise ShardError(f"DEST {storage.url} is a local directory, which Ray tasks on other machines cannot write to: "
+                         "use an s3:// DEST, or pass --shared-fs if DEST is on a file system every node mounts at "
+                         "the same path")
     dataset = scan_source(src, config.splits)
     storage.check_writable()
+    lease = Lease.acquire(storage)
+    try:
+        return _shard_holding_lease(storage, dataset, config, lease, metrics)
+    finally:
+        lease.release()
+
+
+def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: ShardConfig, lease: Lease,
+                         metrics) -> ShardSummary:
     fingerprint = fingerprint_of(dataset, config)
     progress_on = config.progress
     if _check_existing(storage, fingerprint, config):
@@ -188,7 +216,9 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
 
     options = config.image_options()
     executor = make_executor(config.workers, config.ray_address)
-    staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None else None
+    on_ray = isinstance(executor, RayExecutor)
+    # Local workers share this machine's temp dir; Ray tasks use their own node's (staging_dir None).
+    staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None and not on_ray else None
     try:
         # Pass 1: probe every file.
         work = [(split, f) for split in sorted(dataset.splits) for f in dataset.splits[split]]
@@ -234,7 +264,9 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
         tasks = [{"plan": p, "src_root": str(dataset.root), "storage": storage, "options": options,
                   "fingerprint": fingerprint, "staging_dir": staging} for p in todo]
         bar = Progress("sharding", sum(len(p.samples) for p in todo), progress_on)
-        if isinstance(executor, RayExecutor):
+        if on_ray:
+            for task in tasks:
+                task["lease_token"] = lease.token
             for _, result in executor.run(write_shard, tasks, bar):
                 results[result.name] = result
                 if metrics is not None:
@@ -243,7 +275,7 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as uploads:
                 published = []
                 for _, (result, path) in executor.run(build_shard, tasks, bar):
-                    published.append(uploads.submit(publish_shard, storage, result, path))
+                    published.append(uploads.submit(publish_shard, storage, result, path, lease.check))
                     results[result.name] = result
                     if metrics is not None:
                         metrics.shard_written(result)
@@ -262,6 +294,7 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
         late_rejects = [r for s in shards for r in s["rejects"]]
         splits[split] = {"shards": shards, "rejected": rejected[split] + late_rejects}
     manifest = build_manifest(fingerprint, config.output_options(), dataset.class_table(), splits)
+    lease.check()
     storage.write_bytes(MANIFEST_NAME, dumps(manifest))
     for o in storage.list(PROGRESS_DIR + "/"):
         storage.delete(o.name)

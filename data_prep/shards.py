@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, RejectedImage, prepare_image, resized_size
+from .lease import check_holder
 from .sources import Reject
 from .storage import Storage
 
@@ -183,16 +184,29 @@ class TarShardWriter:
 
 
 def write_shard(plan: ShardPlan, src_root: str, storage: Storage, options: ImageOptions, fingerprint: str,
-                staging_dir: str | None = None, on_sample: Callable[[int], None] | None = None) -> ShardResult:
-    """Build one shard and publish it: one task of a Ray cluster, where nothing else can upload it."""
+                staging_dir: str | None = None, on_sample: Callable[[int], None] | None = None,
+                lease_token: str | None = None) -> ShardResult:
+    """Build one shard and publish it: one task of a Ray cluster, where nothing else can upload it.
+
+    With ``lease_token``, DEST must still hold that run's lease, before the shard is built (on a
+    node that does not see a local DEST nothing is created there) and again before it is published.
+    """
+    check = None if lease_token is None else (lambda: check_holder(storage, lease_token))
+    if check is not None:
+        check()
     result, path = build_shard(plan, src_root, storage, options, fingerprint, staging_dir, on_sample)
-    publish_shard(storage, result, path)
+    publish_shard(storage, result, path, check)
     return result
 
 
-def publish_shard(storage: Storage, result: ShardResult, path: Path) -> None:
-    """Move a built shard to its final name atomically, then record it in ``_progress/``."""
+def publish_shard(storage: Storage, result: ShardResult, path: Path, check: Callable[[], None] | None = None) -> None:
+    """Move a built shard to its final name atomically, then record it in ``_progress/``.
+
+    ``check`` raises if this run may no longer write DEST (its lease was taken over).
+    """
     try:
+        if check is not None:
+            check()
         storage.put_file(result.name, path)
         # The record is written after the shard is in place: a record always means a finished shard.
         storage.write_bytes(progress_name(result.name), json.dumps(result.to_json(), sort_keys=True).encode())
@@ -207,8 +221,8 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
 
     ``on_sample(nbytes)`` is called after each sample, for progress reporting. A sample whose
     bytes fail to decode (only possible for files accepted on their structure) is left out and
-    listed in the result's rejects. The file is built in ``staging_dir`` (default: beside its
-    final place when the storage is local, else the system temp directory).
+    listed in the result's rejects. The file is built beside its final place when the storage is
+    local, else in ``staging_dir``, else in this machine's temp directory.
     """
     staging = storage.staging_dir() or staging_dir
     fd, tmp_name = tempfile.mkstemp(prefix=f".{plan.name}.partial-", dir=staging)
@@ -217,6 +231,8 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
     written = 0
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as raw:
+            # mkstemp's 0600 would keep a local shard from every other user of a shared file system
+            os.fchmod(raw.fileno(), 0o666 & ~current_umask())
             sink = _HashingWriter(raw)
             tar = TarShardWriter(sink)
             for sample in plan.samples:
@@ -246,6 +262,18 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
         raise
     return ShardResult(plan.name, plan.split, plan.index, written, sink.count, sink.digest.hexdigest(),
                        fingerprint, rejects), tmp
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def planned_sample(key: str, relpath: str, class_index: int, class_id: str, size: int, probe: Probe,

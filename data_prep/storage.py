@@ -2,9 +2,15 @@
 
 Both backends make a finished object visible atomically: locally a temp file is renamed into
 place, on S3 a single PUT or a completed multipart upload (an interrupted multipart upload is
-invisible and is aborted on the next run). Nothing ever shows a half-written shard.
+invisible; with ``record_uploads`` its id is kept under ``_uploads/`` so the next run aborts exactly
+the uploads it began, never another program's in the same bucket). Nothing ever shows a
+half-written shard.
 
-S3 access goes through boto3's standard credential chain and honours ``AWS_ENDPOINT_URL``.
+``create_exclusive``, ``take_over``, ``swap`` and ``delete_if`` are the few atomic steps a lease
+needs (``data_prep.lease``): a link on local disk, conditional PUTs (If-None-Match, If-Match) on S3.
+
+S3 access (``data_prep.s3storage``) goes through boto3's standard credential chain and honours
+``AWS_ENDPOINT_URL``.
 Transient failures (connection drops, 5xx, throttling) are retried with exponential backoff by
 botocore and, around whole-object operations, by ``retry_transient``.
 """
@@ -34,6 +40,9 @@ _CREDENTIAL_CODES = {
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
     "ExpiredToken", "403", "AuthorizationHeaderMalformed",
 }
+
+
+WRITE_PROBE = "_write_probe_"  # names of the objects check_writable writes and deletes
 
 
 def is_s3_url(url: str) -> bool:
@@ -89,6 +98,32 @@ class Storage:
     def delete(self, name: str) -> None:
         raise NotImplementedError
 
+    def read_optional(self, name: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
+        raise NotImplementedError
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist; False when it does. Atomic among writers."""
+        raise NotImplementedError
+
+    def take_over(self, name: str, expected: bytes, data: bytes) -> bool:
+        """Replace ``name`` with ``data`` only if it still holds exactly ``expected``; atomic among
+        callers of ``take_over`` and ``create_exclusive`` (the object may be absent for a moment)."""
+        raise NotImplementedError
+
+    def swap(self, name: str, expected: bytes, data: bytes) -> bool:
+        """Replace ``name`` with ``data`` if it still holds ``expected``, never leaving it absent:
+        for the owner of an object to update it while others may only read it."""
+        raise NotImplementedError
+
+    def delete_if(self, name: str, expected: bytes) -> bool:
+        """Delete ``name`` only if it still holds ``expected``."""
+        current = self.read_optional(name)
+        if current != expected:
+            return False
+        self.delete(name)
+        return True
+
     def staging_dir(self) -> Path | None:
         """A directory where a file renamed into place needs no copy, or None (use a temp dir)."""
         return None
@@ -108,7 +143,7 @@ class Storage:
 
     def check_writable(self) -> None:
         """Write and delete a probe object, so a refusal shows up before any real work."""
-        probe = f"_write_probe_{os.getpid()}_{random.getrandbits(32):08x}"
+        probe = f"{WRITE_PROBE}{os.getpid()}_{random.getrandbits(32):08x}"
         self.write_bytes(probe, b"alexray write probe\n")
         self.delete(probe)
 
@@ -187,6 +222,75 @@ class LocalStorage(Storage):
                 path.parent.rmdir()  # a folder of records (_progress/) goes once it is empty
             except OSError:
                 pass
+
+    def read_optional(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _aside(self, path: Path, what: str) -> Path:
+        # ".partial-" keeps these names among the ones a run knows as its own (never "foreign")
+        return path.with_name(f".{path.name}.partial-{what}-{os.getpid()}-{random.getrandbits(32):08x}")
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        path = self._path(name)
+        tmp = self._aside(path, "new")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails if the name exists, also on NFS: the complete file appears at once or not at all
+            os.link(tmp, path)
+            return True
+        except (FileExistsError, FileNotFoundError):
+            return False  # FileNotFoundError: another run's clean-up took our temp file, so it holds DEST
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def take_over(self, name: str, expected: bytes, data: bytes) -> bool:
+        path = self._path(name)
+        aside = self._aside(path, "taken")
+        try:
+            os.rename(path, aside)  # only one of several racers moves this file
+        except FileNotFoundError:
+            return False
+        try:
+            if aside.read_bytes() != expected:  # it changed since it was read: not ours to replace
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                return False
+        finally:
+            aside.unlink(missing_ok=True)
+        return self.create_exclusive(name, data)
+
+    def swap(self, name: str, expected: bytes, data: bytes) -> bool:
+        if self.read_optional(name) != expected:
+            return False
+        self.write_bytes(name, data)
+        return True
+
+    def delete_if(self, name: str, expected: bytes) -> bool:
+        path = self._path(name)
+        aside = self._aside(path, "gone")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if aside.read_bytes() != expected:
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                return False
+            return True
+        finally:
+            aside.unlink(missing_ok=True)
 
     def staging_dir(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -282,8 +386,13 @@ def is_transient(exc: BaseException) -> bool:
     from botocore import exceptions as bx
 
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-                        bx.ConnectTimeoutError, bx.ResponseStreamingError, ConnectionError)):
+                        bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError,
+                        ConnectionError)):
         return True
+    from urllib3 import exceptions as ux
+
+    if isinstance(exc, (ux.ProtocolError, ux.ReadTimeoutError, ux.IncompleteRead)):
+        return True  # a read cut short below botocore's wrapping
     if isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
@@ -321,126 +430,13 @@ def retry_transient(fn: Callable[[], T], *, what: str, attempts: int | None = No
     raise AssertionError("unreachable")
 
 
-class S3Storage(Storage):
-    def __init__(self, url: str, client=None):
-        self.url = url.rstrip("/")
-        self.bucket, self.prefix = split_s3_url(url)
-        self._client = client
-
-    @property
-    def client(self):
-        # Created lazily so a Storage can be pickled into worker processes.
-        if self._client is None:
-            self._client = make_s3_client()
-        return self._client
-
-    def __getstate__(self):
-        return {"url": self.url, "bucket": self.bucket, "prefix": self.prefix, "_client": None}
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        try:
-            return retry_transient(fn, what=what)
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
-                raise describe_s3_error(_unwrap_upload_error(exc), self.url) from exc
-            raise
-
-    def info(self, name: str) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
-
-        def head():
-            try:
-                return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-
-        response = self._call(f"head {name}", head)
-        return None if response is None else ObjectInfo(name, response["ContentLength"])
-
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        def list_all():
-            found = []
-            base = self._key("")
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                for obj in page.get("Contents", []):
-                    found.append(ObjectInfo(obj["Key"][len(base):], obj["Size"]))
-            return sorted(found, key=lambda o: o.name)
-
-        return self._call("list", list_all)
-
-    def read_bytes(self, name: str) -> bytes:
-        return self._call(
-            f"get {name}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        )
-
-    def iter_chunks(self, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        body = self._call(f"get {name}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"])
-        try:
-            yield from body.iter_chunks(chunk_size)
-        finally:
-            body.close()
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self._call(f"put {name}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data))
-
-    def put_file(self, name: str, local_path: Path) -> None:
-        # upload_file switches to multipart for large files and aborts the upload on failure,
-        # so an incomplete shard never becomes visible under its name.
-        self._call(f"upload {name}", lambda: self.client.upload_file(str(local_path), self.bucket, self._key(name)))
-        Path(local_path).unlink(missing_ok=True)
-
-    def delete(self, name: str) -> None:
-        self._call(f"delete {name}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(name)))
-
-    def clean_partial(self) -> int:
-        """Abort multipart uploads left under the prefix by a killed run."""
-        from botocore.exceptions import ClientError
-
-        try:
-            uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key("")).get("Uploads", [])
-        except ClientError:
-            return 0  # not every S3 implementation lists uploads; leftovers are invisible anyway
-        for upload in uploads:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-            except ClientError:
-                pass
-        return len(uploads)
-
-    def check_reachable(self) -> None:
-        """Fail fast, with the reason, if the bucket is missing, credentials are refused or S3 is down."""
-        probe_client = make_s3_client(max_attempts=2)
-        try:
-            probe_client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:  # noqa: BLE001
-            from botocore.exceptions import ClientError
-
-            if isinstance(exc, ClientError):
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in ("404", "NoSuchBucket", "NotFound"):
-                    raise StorageError(
-                        f"bucket {self.bucket!r} does not exist: create it (aws s3 mb s3://{self.bucket}) or fix the URL {self.url}"
-                    ) from None
-            raise describe_s3_error(exc, self.url) from None
-
-    def check_writable(self) -> None:
-        self.check_reachable()
-        super().check_writable()
-
-
-def open_storage(url: str | Path) -> Storage:
+def open_storage(url: str | Path, record_uploads: bool = False) -> Storage:
     """``s3://bucket/prefix`` -> S3Storage, anything else -> LocalStorage."""
     url = str(url)
     if is_s3_url(url):
-        return S3Storage(url)
+        from .s3storage import S3Storage
+
+        return S3Storage(url, record_uploads=record_uploads)
     if "://" in url and not url.startswith("file://"):
         raise StorageError(f"unsupported storage URL {url!r}: use s3://BUCKET/PREFIX or a local path")
     return LocalStorage(url.removeprefix("file://"))

@@ -69,17 +69,18 @@ def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
     from . import jobs
     from .discovery import TARGETS_ENV
     from .follow import describe, follow
-    from .localcluster import start_local_cluster, stop_local_cluster
+    from .localcluster import interrupts_deferred, start_local_cluster, stop_local_cluster
 
     say("starting a local Ray cluster on 127.0.0.1 (token auth on)")
     started = time.monotonic()
     # The job's driver publishes its workers' metrics endpoints where this demo's Prometheus looks.
     env = {**os.environ, TARGETS_ENV: str(base / "prometheus-targets")}
-    cluster = start_local_cluster(num_cpus=4, env=env, token_file=base / "ray" / "auth_token")
-    # This process talks to the cluster it started, whatever RAY_ADDRESS or token the shell has.
-    os.environ["RAY_AUTH_TOKEN"] = cluster.token
     code, job_id, prometheus, dashboard = 1, None, None, None
+    # A Ctrl-C during the start is handled by start_local_cluster, which stops what it started.
+    cluster = start_local_cluster(num_cpus=4, env=env, token_file=base / "ray" / "auth_token")
     try:
+        # This process talks to the cluster it started, whatever RAY_ADDRESS or token the shell has.
+        os.environ["RAY_AUTH_TOKEN"] = cluster.token
         say(f"cluster up in {time.monotonic() - started:.0f} s: dashboard and Jobs API at {cluster.dashboard_url} "
             f"(token in {base / 'ray' / 'auth_token'}, Ray's files in {cluster.temp_dir})")
         overrides = [f"data.path={shards}", f"run.storage={base / 'runs'}", *overrides]
@@ -117,16 +118,17 @@ def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
                 pass
         code = 130
     finally:
-        if dashboard is not None:
-            dashboard.stop()
-        if prometheus is not None:
-            prometheus.stop()
-        left = stop_local_cluster(cluster)
-        if left:
-            say(f"could not stop these Ray processes: {left}")
-            code = code or 1
-        else:
-            say("stopped the local Ray cluster; none of its processes is left")
+        with interrupts_deferred():  # a second Ctrl-C must not cut the clean-up short
+            if dashboard is not None:
+                dashboard.stop()
+            if prometheus is not None:
+                prometheus.stop()
+            left = stop_local_cluster(cluster)
+            if left:
+                say(f"could not stop these Ray processes: {left}")
+                code = code or 1
+            else:
+                say("stopped the local Ray cluster; none of its processes is left")
     return code
 
 
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
+        say("interrupted")
         return 130
     say(f"{'done' if code == 0 else 'failed'} in {time.monotonic() - started:.0f} s")
     return code

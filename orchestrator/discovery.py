@@ -3,7 +3,10 @@
 Every training worker (and ``alexray shard --metrics-port``) serves ``/metrics`` on a port the OS
 picks, on its node's address. Prometheus reads the endpoints from **file_sd** files in one
 directory, the *targets directory* (``ALEXRAY_PROMETHEUS_TARGETS_DIR``, default
-``/tmp/alexray/prometheus-targets``), which Prometheus watches and re-reads by itself:
+``/tmp/alexray-UID/prometheus-targets``), which Prometheus watches and re-reads by itself.
+The default is per user and created 0700: whoever can write there chooses what Prometheus scrapes,
+and whoever can read it learns every worker's address. A directory owned by another user (root
+aside) is refused with a one-line error.
 
 - On a Ray cluster each worker registers ``{address, run, rank, node}`` in the cluster's GCS
   key-value store (namespace ``alexray_metrics``, key ``RUN/RANK``): the store every node can
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -32,14 +36,64 @@ from pathlib import Path
 log = logging.getLogger("alexray.metrics")
 
 TARGETS_ENV = "ALEXRAY_PROMETHEUS_TARGETS_DIR"
-DEFAULT_TARGETS_DIR = "/tmp/alexray/prometheus-targets"
+DEFAULT_TARGETS_DIR = f"/tmp/alexray-{os.getuid()}/prometheus-targets"
 ENABLE_ENV = "ALEXRAY_METRICS"  # "0" turns every alexray metrics endpoint off
 KV_NAMESPACE = "alexray_metrics"
 _LOCAL = re.compile(r"^local-.*-(\d+)\.json$")
 
 
+class TargetsDirError(ValueError):
+    """The targets directory is not safe to use; the message names it and the fix, on one line."""
+
+
 def targets_dir() -> Path:
     return Path(os.environ.get(TARGETS_ENV, "").strip() or DEFAULT_TARGETS_DIR)
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_owned(directory: Path, private: bool) -> None:
+    """Refuse a directory another user (root aside) owns; a ``private`` one must be a real
+    directory of this user, and is made 0700 if it is wider."""
+    try:
+        st = directory.lstat() if private else directory.stat()
+    except OSError as e:
+        raise TargetsDirError(f"cannot use {directory} for Prometheus targets ({e.strerror}); set {TARGETS_ENV} "
+                              "to a directory of your own") from None
+    uid = os.getuid()
+    if private and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)):
+        raise TargetsDirError(f"{directory} is not a directory but a link or a file; remove it or set {TARGETS_ENV} "
+                              "to a directory of your own")
+    if st.st_uid not in (uid, 0) or (private and st.st_uid != uid):
+        raise TargetsDirError(f"{directory} belongs to {_owner(st.st_uid)}, not to you: whoever owns it chooses what "
+                              f"Prometheus scrapes; remove it or set {TARGETS_ENV} to a directory of your own")
+    if private and st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
+def ensure_targets_dir(directory: str | Path | None = None) -> Path:
+    """The targets directory, created 0700 when missing, checked to belong to this user.
+
+    The default's per-user parent (``/tmp/alexray-UID``) sits in a directory everyone can write, so
+    it must be a real directory of this user, not a link another user planted.
+    """
+    directory = Path(directory or targets_dir())
+    chain = [directory.parent, directory] if str(directory) == DEFAULT_TARGETS_DIR else [directory]
+    for level in chain:
+        try:
+            level.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise TargetsDirError(f"cannot create {level} for Prometheus targets ({e.strerror}); set {TARGETS_ENV} "
+                                  "to a writable directory of your own") from None
+        _check_owned(level, private=len(chain) == 2)
+    return directory
 
 
 def metrics_enabled() -> bool:
@@ -57,7 +111,7 @@ def target_entry(address: str, labels: dict) -> dict:
 
 def write_targets(path: Path, entries: list[dict]) -> None:
     """Atomically: Prometheus re-reads the file on change and must never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_targets_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -95,6 +149,8 @@ class LocalTarget:
         try:
             prune_dead_local_targets(self.path.parent)
             write_targets(self.path, [target_entry(address, labels)])
+        except TargetsDirError as e:
+            log.warning("metrics: %s", e)
         except OSError as e:
             log.warning("metrics: cannot write %s (%s); set %s to a writable directory", self.path, e, TARGETS_ENV)
 

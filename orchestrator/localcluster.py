@@ -9,6 +9,7 @@ workers, which overwrites what /proc shows of their environment, but they keep t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it: for starting a process and
+    keeping its handle in one step, and for cleaning up, which a second Ctrl-C must not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals only ever reach the main thread
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+def write_token_file(path: str | Path, token: str) -> Path:
+    """Write ``token`` to ``path`` readable by this user only (0600), whatever an older file's mode was.
+
+    A new file is written and renamed over the old one, so the token is never in a file others
+    can read, not even for a moment, and a link planted at ``path`` is replaced, not followed.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def use_private_token(env: dict | None = None) -> Path:
+    """Token auth for a cluster that this process starts itself (``ray.init()`` without an address).
+
+    A fresh token goes into a new directory only this user can read, and ``env`` (default: this
+    process's environment, which the cluster's processes inherit) gets ``RAY_AUTH_MODE=token`` and
+    ``RAY_AUTH_TOKEN_PATH``. Without this, Ray either runs without auth (``RAY_AUTH_MODE=disabled``
+    left in the shell for another cluster) or writes a token shared by every cluster of the user to
+    ``~/.ray/auth_token``, readable by everyone under the usual umask. Returns the directory, to
+    remove once the cluster is stopped.
+    """
+    target = os.environ if env is None else env
+    directory = Path(tempfile.mkdtemp(prefix="alexray-token-"))  # 0700
+    path = write_token_file(directory / "auth_token", secrets.token_hex(32))
+    target.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    target.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+    if env is None and "ray._raylet" in sys.modules:
+        # Ray caches its configuration and the token when first used; refresh both, as Ray does
+        # when it turns token auth on itself.
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    return directory
 
 
 def _ray_binary() -> str:
@@ -86,10 +151,7 @@ def start_local_cluster(num_cpus: int, dashboard: bool = True, token_auth: bool 
     token = None
     if token_auth:
         token = secrets.token_hex(32)
-        path = Path(token_file) if token_file else Path(temp_dir) / "auth_token"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(token)
+        path = write_token_file(Path(token_file) if token_file else Path(temp_dir) / "auth_token", token)
         base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
     port = free_port()
     command = [_ray_binary(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -105,16 +167,22 @@ def start_local_cluster(num_cpus: int, dashboard: bool = True, token_auth: bool 
         command.append("--include-dashboard=false")
     cluster = LocalCluster(f"127.0.0.1:{port}", dashboard_url, temp_dir, marker, token, base)
     try:
-        done = subprocess.run(command, env=base, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_local_cluster(cluster)
-        raise ClusterStartError(f"'ray start' did not finish within {timeout:.0f} s; see the logs in {temp_dir}") from None
-    if done.returncode:
-        stop_local_cluster(cluster)
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        raise ClusterStartError(f"'ray start' failed: {(lines or ['no output'])[-1].strip()}")
-    if dashboard_url:
-        _wait_for_jobs_api(cluster, time.monotonic() + timeout)
+        try:
+            done = subprocess.run(command, env=base, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterStartError(f"'ray start' did not finish within {timeout:.0f} s; see the logs in "
+                                    f"{temp_dir}") from None
+        if done.returncode:
+            lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            raise ClusterStartError(f"'ray start' failed: {(lines or ['no output'])[-1].strip()}")
+        if dashboard_url:
+            _wait_for_jobs_api(cluster, time.monotonic() + timeout)
+    except BaseException:
+        # A failure or Ctrl-C at any point of the start: 'ray start' may have started the GCS, the
+        # raylet and the dashboard already, and they outlive it; stop whatever of them is running.
+        with interrupts_deferred():
+            stop_local_cluster(cluster)
+        raise
     return cluster
 
 
@@ -130,7 +198,6 @@ def _wait_for_jobs_api(cluster: LocalCluster, deadline: float) -> None:
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            stop_local_cluster(cluster)
             raise ClusterStartError(f"Ray's Jobs API at {cluster.dashboard_url} did not come up; "
                                     f"see {cluster.temp_dir}/session_latest/logs/dashboard.log")
         time.sleep(0.5)

@@ -4,15 +4,19 @@ loss, accuracy, restarts and the ETA.
 
 A JOB is a run name that Prometheus holds, else a job id or run name looked up through Ray's Jobs
 API (``--address``); without one, the run that reported most recently. The dashboard's server
-builds every query itself from the run name, so the page cannot send Prometheus arbitrary queries.
+builds every query itself from the run name, so the page cannot send Prometheus arbitrary queries,
+and answers only requests whose Host header is a loopback name or the address it is bound to: a
+web page elsewhere cannot rebind its own name to 127.0.0.1 and read the dashboard (DNS rebinding).
 No torch is imported here.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -207,7 +211,53 @@ class DashboardServer:
         self.server.server_close()
 
 
-def _handler(prom: Prometheus, default_run: str | None, window: str):
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _host_name(header: str) -> str | None:
+    """The name of a Host header without its port, lower case; None when it is malformed."""
+    host = header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name
+    name, colon, port = host.rpartition(":")
+    if not colon:
+        return host.rstrip(".")
+    if ":" in name or not port.isdigit():
+        return None
+    return name.rstrip(".")
+
+
+def _ip(name: str):
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def host_allowed(header: str | None, bound: str) -> bool:
+    """Whether a request's Host header names this server: a loopback name, or the bound address.
+
+    A server on a wildcard address also answers this machine's host names and any IP literal: a
+    rebinding attack needs a name of its own, and a literal address cannot be rebound.
+    """
+    name = _host_name(header or "")
+    if not name:
+        return False
+    address = _ip(name)
+    if name == "localhost" or (address is not None and address.is_loopback):
+        return True
+    bound = bound.strip("[]").lower()
+    if name == bound or (address is not None and address == _ip(bound)):
+        return True
+    if bound in _WILDCARDS:
+        return address is not None or name in {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return False
+
+
+def _handler(prom: Prometheus, default_run: str | None, window: str, bound: str = "127.0.0.1"):
     page = PAGE.read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
@@ -226,6 +276,10 @@ def _handler(prom: Prometheus, default_run: str | None, window: str):
             self._send(code, json.dumps(data).encode(), "application/json")
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if not host_allowed(self.headers.get("Host"), bound):
+                shown = "127.0.0.1" if bound in _WILDCARDS else bound
+                return self._json(421, {"error": f"Host {self.headers.get('Host')!r} is not this dashboard's "
+                                                 f"address; open http://{shown}:{self.server.server_address[1]}/"})
             parts = urllib.parse.urlsplit(self.path)
             params = dict(urllib.parse.parse_qsl(parts.query))
             try:
@@ -255,7 +309,7 @@ def start_dashboard(prometheus_url: str | None = None, host: str = "127.0.0.1", 
                     run: str | None = None, window: str = "30s") -> DashboardServer:
     """Serve the dashboard page on a thread; ``url`` is where to open it, ``stop()`` ends it."""
     prom = Prometheus(prometheus_url)
-    server = ThreadingHTTPServer((host, port), _handler(prom, run, window))
+    server = ThreadingHTTPServer((host, port), _handler(prom, run, window, host))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="alexray-dashboard", daemon=True)
     thread.start()
@@ -322,6 +376,9 @@ def main(argv: list[str]) -> int:
     except (PrometheusError, MonitorError) as e:
         print(f"alexray {command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # while Prometheus was starting: it is stopped already
+        print(f"alexray {command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if started is not None:
             started.stop()

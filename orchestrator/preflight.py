@@ -1,6 +1,6 @@
 """Checks run before a job is submitted, so that bad input fails here in one line, not minutes
-later on the cluster: the dataset, the run storage, a reused run name, and whether the cluster can
-ever hold the requested workers.
+later on the cluster: the dataset, the run storage, a reused run name, the checkpoint a fine-tuning
+run starts from, and whether the cluster can ever hold the requested workers.
 
 Each check raises ``JobError`` (exit code 2) whose message starts with the spec field to fix.
 Storage is checked with this machine's credentials: nodes use their own chain, so a pass here
@@ -11,11 +11,19 @@ authenticated HTTP connection as the Jobs API; no Ray driver connection is made.
 
 from __future__ import annotations
 
+import json
+import re
+import zlib
+
 from workers.config import JobSpec
 
 from .jobs import JobError, guard
 
 NODES_ENDPOINT = "/api/v0/nodes?detail=1&limit=10000"
+# A checkpoint's layout (workers/checkpoint.py), repeated here because that module needs torch.
+COMPLETE = "complete.json"
+CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
+MODEL_FILES = ("state.json", "model.pt")
 
 
 def check_dataset(spec: JobSpec) -> dict:
@@ -142,12 +150,100 @@ def check_cluster(spec: JobSpec, client, address: str | None = None) -> dict:
     return {"nodes": len(nodes), "CPU": total_cpu, "GPU": total_gpu, "worker_slots": slots}
 
 
+def _checkpoint_candidates(storage) -> list[str]:
+    """Prefixes under ``storage`` to try, in the workers' order: the checkpoint itself, else the run's
+    ``best/``, then its checkpoints newest first (workers/inference.py ``checkpoint_dir``)."""
+    if any(storage.exists(name) for name in (COMPLETE, *MODEL_FILES)):
+        return [""]
+    found = ["best/"] if storage.exists(f"best/{COMPLETE}") else []
+    dirs = set()
+    for prefix in ("checkpoint_", "checkpoints/checkpoint_"):
+        for obj in storage.list(prefix):
+            parent = obj.name.rpartition("/")[0]
+            match = CHECKPOINT_DIR.fullmatch(parent.rpartition("/")[2])
+            if match:
+                dirs.add((int(match[1]), int(match[2]), int(match[3] or 0), parent + "/"))
+    return found + [d[-1] for d in sorted(dirs, reverse=True)]
+
+
+def _complete_problem(storage, prefix: str, where: str) -> str | None:
+    """Why the checkpoint at ``prefix`` is not complete, or None. Sizes are checked for the weights
+    (the workers check their CRC-32 before loading), size and CRC-32 for the small state.json."""
+    if not storage.exists(f"{prefix}{COMPLETE}"):
+        return f"{where} is not a complete checkpoint (no {COMPLETE}): it was being written when its run stopped"
+    try:
+        files = json.loads(storage.read_bytes(f"{prefix}{COMPLETE}"))["files"]
+        listed = {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in MODEL_FILES}
+    except (ValueError, KeyError, TypeError):
+        return (f"{where}/{COMPLETE} is unreadable or does not list {' and '.join(MODEL_FILES)}: "
+                "not an alexray checkpoint")
+    for name, (size, crc) in listed.items():
+        info = storage.info(f"{prefix}{name}")
+        if info is None or info.size != size or (
+                name == "state.json" and f"{zlib.crc32(storage.read_bytes(prefix + name)):08x}" != crc):
+            return f"{where}/{name} is missing, truncated or damaged (it differs from {COMPLETE})"
+    return None
+
+
+def check_finetune_source(spec: JobSpec) -> str | None:
+    """``finetune.from_checkpoint`` is a complete checkpoint of the model the spec builds, or a run
+    directory holding one, readable from here as the run storage is; returns its address.
+
+    Nothing of it is downloaded but ``complete.json`` and ``state.json``.
+    """
+    from pathlib import Path
+
+    from data_prep.errors import ShardError
+    from data_prep.storage import is_s3_url, open_storage
+
+    source = spec.finetune.from_checkpoint
+    if not source:
+        return None
+    field = "finetune.from_checkpoint"
+    base = source.rstrip("/")
+    if not is_s3_url(base) and Path(base).is_file():  # a file of a checkpoint names its directory
+        base = str(Path(base).parent)
+    try:
+        storage = open_storage(base)
+        storage.check_reachable()
+        candidates = _checkpoint_candidates(storage)
+        if not candidates:
+            raise JobError(f"{field}: {base} holds no checkpoint (no best/, no checkpoint_e*_s* directory); pass a "
+                           "checkpoint directory or the run directory of 'alexray train'")
+        problems = []
+        for prefix in candidates:
+            where = f"{base}/{prefix}".rstrip("/")
+            problem = _complete_problem(storage, prefix, where)
+            if problem is None:
+                break
+            problems.append(problem)
+        else:
+            raise JobError(f"{field}: no complete checkpoint in {base} ({problems[-1]}); "
+                           "use an earlier checkpoint of that run")
+        try:
+            model = json.loads(storage.read_bytes(f"{prefix}state.json")).get("model") or {}
+        except (ValueError, AttributeError):
+            model = {}
+    except ShardError as e:
+        raise JobError(f"{field}: {e}") from None
+    if not {"name", "width"} <= set(model):
+        raise JobError(f"{field}: {where}/state.json does not describe its model: it was not written by "
+                       "'alexray train'; pass a training checkpoint")
+    if model["name"] != spec.model.name or float(model["width"]) != spec.model.width:
+        raise JobError(f"{field}: {where} holds {model['name']} (width {model['width']}) but the spec builds "
+                       f"{spec.model.name} (width {spec.model.width}); set model.name: {model['name']}, "
+                       f"model.width: {model['width']} in the spec")
+    return where
+
+
 def preflight(spec: JobSpec, address: str, client, *, check_resources: bool = True) -> dict:
-    """Run every check; returns what was found: ``{"classes", "train_samples", "cluster"}``."""
+    """Run every check; returns what was found: ``{"classes", "train_samples", "finetune_source", "cluster"}``."""
     manifest = check_dataset(spec)
     check_run_storage(spec)
     check_run_name(spec)
+    source = check_finetune_source(spec)
     cluster = check_cluster(spec, client, address) if check_resources else None
     train = (manifest.get("splits") or {}).get(spec.data.train_split) or {}
-    return {"classes": manifest.get("num_classes"), "train_samples": train.get("samples"), "cluster": cluster}
+    return {"classes": manifest.get("num_classes"), "train_samples": train.get("samples"),
+            "finetune_source": source, "cluster": cluster}
 

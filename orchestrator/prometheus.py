@@ -10,6 +10,7 @@ the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from . import discovery
+from .localcluster import interrupts_deferred
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 URL_ENV = "ALEXRAY_PROMETHEUS_URL"
@@ -160,6 +162,9 @@ class LocalPrometheus:
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                # A stopped process (Ctrl-Z, a debugger) acts on the TERM only once it runs again.
+                self.process.send_signal(signal.SIGCONT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -195,8 +200,10 @@ def start_prometheus(workdir: str | Path, port: int | None = None, targets_dir: 
     binary = prometheus_binary()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    targets = Path(targets_dir or discovery.targets_dir())
-    targets.mkdir(parents=True, exist_ok=True)
+    try:
+        targets = discovery.ensure_targets_dir(targets_dir)
+    except discovery.TargetsDirError as e:
+        raise PrometheusError(str(e)) from None
     discovery.prune_dead_local_targets(targets)
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(render_config(targets, ray_sd_file, scrape_interval, evaluation_interval),
@@ -204,24 +211,36 @@ def start_prometheus(workdir: str | Path, port: int | None = None, targets_dir: 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = workdir / "prometheus.log"
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--storage.tsdb.retention.time={retention}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    handle = LocalPrometheus(url, process, workdir, config_path, log_path)
-    deadline = time.monotonic() + timeout
+    handle = None
+    try:
+        with interrupts_deferred(), open(log_path, "ab") as log_file:  # no Ctrl-C between start and handle
+            process = subprocess.Popen(
+                [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+                 f"--storage.tsdb.retention.time={retention}", f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            handle = LocalPrometheus(url, process, workdir, config_path, log_path)
+        _wait_until_ready(handle, time.monotonic() + timeout, timeout)
+    except BaseException:
+        # Ctrl-C or a failure while it starts: it runs in a session of its own (so that the
+        # terminal's Ctrl-C does not reach it) and would outlive this process unless stopped here.
+        if handle is not None:
+            with interrupts_deferred():
+                handle.stop()
+        raise
+    return handle
+
+
+def _wait_until_ready(handle: LocalPrometheus, deadline: float, timeout: float) -> None:
     while True:
-        if process.poll() is not None:
+        if handle.process.poll() is not None:
             last = (handle.log_tail(5).splitlines() or ["no output"])[-1]
-            raise PrometheusError(f"prometheus exited at start ({last[:300]}); see {log_path}")
+            raise PrometheusError(f"prometheus exited at start ({last[:300]}); see {handle.log_path}")
         try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"{handle.url}/-/ready", timeout=2) as response:
                 if response.status == 200:
-                    return handle
+                    return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            handle.stop()
-            raise PrometheusError(f"prometheus did not become ready within {timeout:.0f} s; see {log_path}")
+            raise PrometheusError(f"prometheus did not become ready within {timeout:.0f} s; see {handle.log_path}")
         time.sleep(0.2)

@@ -22,8 +22,67 @@ _AWS_VARS_TO_CLEAR = (
 )
 
 
+# `make test-fast` runs what is not marked `heavy`: tests that start no SeaweedFS, Ray, Prometheus
+# or chromium and take seconds. A test is heavy when it uses a fixture that starts one of them
+# (directly or through another fixture), is listed below (it starts one itself, or trains for tens
+# of seconds), or is marked `slow`.
+_HEAVY_FIXTURES = {
+    "s3_server": "SeaweedFS", "s3_env": "SeaweedFS", "s3_bucket": "SeaweedFS",
+    "ray_cluster": "a Ray cluster",
+    "jobs_cluster": "a Ray cluster (test_jobs)",
+    "nodes": "a three-node Ray cluster (test_multinode)",
+    "monitored": "a two-node Ray cluster and Prometheus (test_metrics_ray)",
+}
+# Node ids (a module, a test, or one parametrization of it) of tests that start a service themselves.
+_HEAVY_TESTS = {
+    "tests/test_demo.py": "the demo: a Ray cluster and Prometheus",
+    "tests/test_multinode.py": "a three-node Ray cluster",
+    "tests/test_metrics_ray.py": "a two-node Ray cluster, Prometheus and chromium",
+    "tests/test_shard_ray.py": "a Ray cluster",
+    "tests/test_training_ray.py": "a Ray cluster ('alexray train' starts its own)",
+    "tests/test_support.py::test_server_lifecycle_leaves_no_process_behind": "SeaweedFS",
+    "tests/test_support.py::test_restart_is_stop_then_start_on_the_same_ports": "SeaweedFS",
+    "tests/test_faults_shard.py::test_a_second_run_into_the_same_dest_is_refused[s3]": "SeaweedFS",
+    "tests/test_faults_shard.py::test_the_lease_is_taken_once_and_taken_over_only_when_stale[s3]": "SeaweedFS",
+    "tests/test_faults_security.py::test_a_targets_directory_of_another_user_is_refused": "Prometheus",
+    "tests/test_metrics.py::test_promtool_accepts_the_config_and_the_rules": "Prometheus's promtool",
+    "tests/test_metrics.py::test_watch_names_the_missing_run_and_the_fix": "Prometheus",
+    # No service, but minutes on two cores together: runs of `alexray train` / `python -m workers train`.
+    "tests/test_model_tools.py": "trains the models it evaluates, exports and fine-tunes (about 2 min)",
+    "tests/test_training.py::test_resuming_by_run_name_continues_mid_epoch_bitwise": "three training runs",
+    "tests/test_training.py::test_gpu_benchmark_script_runs_on_cpu": "bench/gpu.py's quick run",
+    "tests/test_faults_checkpoint.py::test_killed_run_leaves_no_checkpoint_scratch_behind": "three training runs",
+    "tests/test_faults_data.py::test_out_of_range_class_is_skipped_and_the_skipped_ceiling_fails_the_run":
+        "two training runs",
+    "tests/test_faults_data.py::test_ddp_ranks_agree_to_skip_a_step_that_is_empty_everywhere": "two DDP processes",
+}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
+    config.addinivalue_line("markers", "heavy(reason): starts SeaweedFS, Ray, Prometheus or chromium, or "
+                                       "trains for tens of seconds; left out by 'make test-fast'")
+
+
+def _heavy_reason(item: pytest.Item) -> str | None:
+    node = item.nodeid
+    for key in (node, node.split("[", 1)[0], node.split("::", 1)[0]):
+        if key in _HEAVY_TESTS:
+            return _HEAVY_TESTS[key]
+    used = [name for name in getattr(item, "fixturenames", ()) if name in _HEAVY_FIXTURES]
+    if used:
+        return _HEAVY_FIXTURES[used[0]]
+    if item.get_closest_marker("slow") is not None:
+        return "marked slow"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``heavy`` every test that starts a service or trains for long (``_HEAVY_FIXTURES``, ``_HEAVY_TESTS``)."""
+    for item in items:
+        reason = _heavy_reason(item)
+        if reason is not None:
+            item.add_marker(pytest.mark.heavy(reason))
 
 
 @pytest.fixture(scope="session")

@@ -268,11 +268,10 @@ def test_head_prometheus_listens_on_loopback_with_alexrays_config():
     assert "--web.listen-address=127.0.0.1:9090" in script
     assert "0.0.0.0" not in script
     assert "$HOME/alexray/cluster/prometheus/prometheus.yml" in script
-    from orchestrator.discovery import DEFAULT_TARGETS_DIR
-
-    # The driver's default targets dir (nothing sets ALEXRAY_PROMETHEUS_TARGETS_DIR on AWS) is the
-    # one the config reads, and Ray's discovery file is read too.
-    assert alexray_sd_glob() == f"{DEFAULT_TARGETS_DIR}/*.json"
+    # The head's `ray start` sets the targets dir for every driver on it (the default is per user)
+    # to the one the config reads, and Ray's discovery file is read too.
+    head_start = " ".join(_commands(load_yaml(AWS_CONFIG), "head_start_ray_commands"))
+    assert f"ALEXRAY_PROMETHEUS_TARGETS_DIR={alexray_sd_glob().rsplit('/', 1)[0]}" in head_start
     assert RAY_SD_FILE in sd_files()
 
 

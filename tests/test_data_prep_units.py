@@ -89,3 +89,16 @@ def test_s3_errors_name_the_problem_and_the_fix():
     assert is_transient(client_error("SlowDown", 503))
     assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
     assert not is_transient(client_error("AccessDenied", 403))
+
+
+def test_split_names_that_cannot_name_shards_are_refused():
+    from data_prep.pipeline import ShardConfig, _ours
+
+    assert ShardConfig(splits=["val-2", "test.v2", "train_a"], workers=1).splits == ["val-2", "test.v2", "train_a"]
+    for bad in ("a/b", "my split", ".hidden", "-x"):
+        with pytest.raises(ValueError, match="splits"):
+            ShardConfig(splits=[bad], workers=1)
+    for name in ("val-2-000003.tar", "test.v2-000000.tar", "_lease.json", "_uploads/ab.json", "_progress/x.json"):
+        assert _ours(name), name
+    for name in ("notes.txt", "backup.tar", "val-2-00003.tar", ".x-000000.tar"):
+        assert not _ours(name), name

@@ -64,8 +64,11 @@ def test_the_demo_trains_digits_above_90_percent_and_cleans_up(tmp_path):
 
     manifest = base / "shards" / "manifest.json"
     written = manifest.stat().st_mtime_ns
+    token = base / "ray" / "auth_token"
+    os.chmod(token, 0o644)  # left readable by an older version, or by hand: the new token must not be
     second = _run_demo(base, "--set", "train.epochs=1")
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert token.stat().st_mode & 0o777 == 0o600
     assert "reusing the handwritten-digits dataset" in second.stdout
     assert manifest.stat().st_mtime_ns == written  # the shards were found up to date, not rewritten
     assert float(_field(r"data ready in ([\d.]+) s", second.stdout)) < float(_field(r"data ready in ([\d.]+) s", out))

@@ -315,6 +315,9 @@ def test_preflight_refuses_bad_jobs_before_submitting(token_env, digits, tmp_pat
         ({}, ["model.num_classes=5"], r"^model.num_classes: 5 does not match the 10 classes"),
         ({}, ["data.val_split=test"], r"^data.val_split: the dataset at .* has no samples in split 'test'"),
         (dict(storage=a_file / "runs"), [], r"^run.storage: "),
+        ({}, [f"finetune.from_checkpoint={tmp_path / 'no-checkpoint'}"],
+         r"^finetune.from_checkpoint: .*no-checkpoint does not exist"),
+        ({}, [f"finetune.from_checkpoint={empty}"], r"^finetune.from_checkpoint: .*empty holds no checkpoint"),
     ]
     for where, overrides, pattern in cases:
         spec = _small_spec(tmp_path, where.get("dataset", digits), str(where.get("storage", tmp_path / "runs")))

@@ -6,6 +6,8 @@ separate raylets on this machine's address (a driver given 127.0.0.1 resolves it
 and the Cluster utility binds its GCS to the node address only). Training workers take 2 CPUs each, so each lands on its own worker
 node. Removing a node kills its raylet and, with it, the training worker on it, as a lost machine
 would. The training driver is ``alexray train --address`` in a subprocess, as on a real cluster.
+Each node has a temp dir of its own, and the sharding driver one that no node can see, as
+separate machines have.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from orchestrator.localcluster import LocalCluster, MARKER, command_line, stop_local_cluster
-from tests.shardtools import run_alexray
+from tests.shardtools import error_line, run_alexray
 from tests.support import datasets as ds
 from tests.support.waiting import wait_until
 from tests.trainingtools import sample_log, steps_by_world_size, write_spec
@@ -44,7 +47,7 @@ class Nodes:
         return self.cluster.address
 
     def add(self):
-        node = self.cluster.add_node(num_cpus=2)
+        node = self.cluster.add_node(num_cpus=2, env_vars=own_tmp(os.path.dirname(self.temp_dir)))
         self.workers.append(node)
         return node
 
@@ -72,6 +75,12 @@ class Nodes:
         return out
 
 
+def own_tmp(root: str) -> dict:
+    """A node's environment with a temp dir of its own (``TMPDIR`` of its raylet and so of the workers
+    it starts): separate machines share no /tmp."""
+    return {"TMPDIR": tempfile.mkdtemp(prefix="node-tmp-", dir=root)}
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory, s3_server):
     import secrets
@@ -97,7 +106,7 @@ def nodes(tmp_path_factory, s3_server):
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
             env.delenv(name, raising=False)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False})
+            "num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False, "env_vars": own_tmp(root)})
         state = Nodes(cluster, marker, temp_dir)
         try:
             state.ensure(2)
@@ -116,15 +125,46 @@ def digits_images(tmp_path_factory) -> Path:
     return root
 
 
+def shard_from_elsewhere(nodes, *args, driver_tmp: str | None = None) -> subprocess.CompletedProcess:
+    """``alexray shard ...`` run by a driver whose temp dir no node can see, as on a machine of its own:
+    its ``TMPDIR`` is a tmpfs mounted in a private mount namespace (the rest, Ray's sockets, SRC
+    and the network, is shared). Where namespaces are not allowed it runs as a plain process."""
+    driver_tmp = driver_tmp or tempfile.mkdtemp(prefix="driver-tmp-", dir=os.path.dirname(nodes.temp_dir))
+    command = [sys.executable, "-m", "orchestrator.cli", "shard", *map(str, args)]
+    isolate = _private_tmp_prefix()
+    if isolate:
+        command = [*isolate, "sh", "-c", 'mount -t tmpfs alexray-driver-tmp "$TMPDIR" && exec "$@"', "sh", *command]
+    else:
+        warnings.warn("mount namespaces are not allowed here: the sharding driver shares the nodes' temp dirs")
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "TMPDIR": driver_tmp, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _private_tmp_prefix() -> list[str]:
+    """An ``unshare`` command line that gives the command a private mount namespace, or [] if none works."""
+    for prefix in (["unshare", "--mount", "--propagation", "private"],
+                   ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return []
+
+
 @pytest.fixture(scope="module")
-def s3_digits(nodes, digits_images, s3_server) -> str:
-    """The digits sharded onto SeaweedFS by Ray tasks on every node."""
+def s3_sharding(nodes, digits_images, s3_server) -> tuple[str, subprocess.CompletedProcess]:
+    """The digits sharded onto SeaweedFS by Ray tasks on every node, from a driver elsewhere."""
     s3_server.create_bucket("multinode")
     dest = "s3://multinode/digits"
-    proc = run_alexray("shard", digits_images, dest, "--shard-size", 40, "--ray", nodes.address, "--no-progress",
-                       timeout=300)
+    proc = shard_from_elsewhere(nodes, digits_images, dest, "--shard-size", 40, "--ray", nodes.address, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dest
+    return dest, proc
+
+
+@pytest.fixture(scope="module")
+def s3_digits(s3_sharding) -> str:
+    return s3_sharding[0]
 
 
 def _manifest_checksums(manifest: dict) -> dict:
@@ -132,17 +172,26 @@ def _manifest_checksums(manifest: dict) -> dict:
             for split, part in manifest["splits"].items()}
 
 
-def test_sharding_on_every_node_matches_a_single_machine(nodes, s3_digits, digits_images, tmp_path, s3_server):
+def test_sharding_on_every_node_matches_a_single_machine(nodes, s3_sharding, digits_images, tmp_path, s3_server):
     run_alexray("shard", digits_images, tmp_path / "local", "--shard-size", 40, "--no-progress", check=True)
     local = json.loads((tmp_path / "local" / "manifest.json").read_text())
     remote = json.loads(s3_server.client().get_object(Bucket="multinode", Key="digits/manifest.json")["Body"].read())
     assert _manifest_checksums(remote) == _manifest_checksums(local)
+    assert remote["splits"] == local["splits"]
     assert sum(len(part["shards"]) for part in local["splits"].values()) == 15
-    # Ray's SPREAD placement: the probe and shard tasks ran on all three nodes.
-    again = run_alexray("shard", digits_images, tmp_path / "spread", "--shard-size", 40, "--ray", nodes.address,
-                        "--no-progress", check=True)
-    assert re.search(r"\d+ Ray tasks ran on 3 node\(s\)", again.stderr), again.stderr[-2000:]
-    assert json.loads((tmp_path / "spread" / "manifest.json").read_text())["splits"] == local["splits"]
+    # Ray's SPREAD placement: the probe and shard tasks ran on all three nodes, each staging in its own temp dir.
+    stderr = s3_sharding[1].stderr
+    assert re.search(r"\d+ Ray tasks ran on 3 node\(s\)", stderr), stderr[-2000:]
+    if not _private_tmp_prefix():
+        return
+    # A local DEST that only the driver's machine sees, passed off as shared: the tasks find no lease
+    # there and stop with the reason, and no node writes a shard to a disk of its own.
+    driver_tmp = tempfile.mkdtemp(prefix="driver-tmp-", dir=os.path.dirname(nodes.temp_dir))
+    proc = shard_from_elsewhere(nodes, digits_images, os.path.join(driver_tmp, "dest"), "--shard-size", 40,
+                                "--ray", nodes.address, "--shared-fs", "--no-progress", driver_tmp=driver_tmp)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "--shared-fs" in error_line(proc)
+    assert os.listdir(driver_tmp) == []
 
 
 def _spec(tmp_path: Path, dataset: str, name: str, **sections) -> Path:

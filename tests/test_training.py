@@ -151,13 +151,19 @@ def test_example_specs_are_valid(name):
     assert spec.train.global_batch_size % spec.data.streams == 0
 
 
-def test_gpu_benchmark_script_runs_on_cpu(digits, tmp_path):
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """bench/gpu.py's quick run: shards made from generated photographs, both decode paths, the report."""
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--data", str(digits), "--width", "0.25",
-                    "--classes", "10", "--batch", "32", "--image-size", "64", "--steps", "3", "--warmup", "1",
-                    "--threads", "2", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--make-data", str(tmp_path / "data"),
+                    "--images", "48", "--width", "0.25", "--classes", "10", "--image-size", "64", "--threads", "2",
+                    "--header-threads", "1", "--json", str(out)], check=True, capture_output=True, timeout=300)
     result = read_json(out)
-    assert result["device"] == "cpu" and result["synthetic_img_s"] > 0 and result["real_img_s"] > 0
+    runs = {r["path"]: r for r in result["runs"]}
+    assert result["device"] == "cpu" and set(runs) == {"synthetic", "cpu", "gpu"}
+    assert all(r["img_s"] > 0 and r["tflop_s"] > 0 and r["mfu"] is None and not r["compile"] for r in runs.values())
+    assert runs["synthetic"]["over_synthetic"] == 1.0 and result["train_flops_per_sample"] > 0
+    assert set(result["decode"]) == {"cpu", "gpu", "headers"}
+    assert result["parity"]["labels_and_draws_equal"] and result["parity"]["images"] == 16
 
 
 @pytest.mark.parametrize("override, message", [

@@ -97,16 +97,16 @@ def test_eval_counts_every_sample_once(shards):
     assert crops["images"].shape == (4, 10, 3, 32, 32)
 
 
-def test_truncated_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
+def test_truncated_shard_is_skipped_and_counted(shards, tmp_path):
+    # (a missing shard fails the run instead: tests/test_faults_data.py)
     manifest = load_manifest(str(shards))
     split = split_info(str(shards), manifest, "train")
     broken = tmp_path / "broken"
     broken.mkdir()
     for url in split.urls:
         (broken / Path(url).name).write_bytes(Path(url).read_bytes())
-    first, second = (broken / Path(u).name for u in split.urls[:2])
+    first = broken / Path(split.urls[0]).name
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # truncated mid-sample
-    second.unlink()  # missing
     damaged = SplitInfo(tuple(str(broken / Path(u).name) for u in split.urls), split.sizes, split.num_classes)
     plan = plan_epoch(list(split.sizes), 16, 4, seed=5, epoch=0)
     batches = list(train_batches(damaged, plan, 2, 0, 0, 5, 32, 16, 2)) + \
@@ -114,7 +114,7 @@ def test_truncated_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
     assert len(batches) == 2 * plan.steps  # no crash, same steps on both ranks
     lost = sum(b.skipped for b in batches)
     kept = sum(len(b.keys) for b in batches)
-    assert lost > 13 and kept + lost == plan.used
+    assert 0 < lost < 13 and kept + lost == plan.used
 
 
 class _CuttingProxy:

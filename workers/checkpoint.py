@@ -1,12 +1,14 @@
 """Checkpoint directories: what a training state is made of, and when one counts as complete.
 
-Layout of one checkpoint directory:
+Layout of one checkpoint directory (every rank's part, merged as Ray's storage holds it):
 - ``model.pt``, ``optimizer.pt`` (rank 0): state dicts, loaded with ``weights_only=True``;
 - ``state.json`` (rank 0): epoch, step, data position, schedule, metrics, the spec's identity;
 - ``rng-rank{r}.pt`` (every rank): that rank's torch / numpy / python RNG states;
-- ``complete.json`` (rank 0, written **last**): sizes and CRC-32s of rank 0's files. A directory
-  without it, or whose files disagree with it, is refused: a crash while writing never leaves a
-  checkpoint that resume would pick up.
+- ``complete-rank{r}.json`` (every rank but 0, written last of its part): size and CRC-32 of its file;
+- ``complete.json`` (rank 0, written **last**): sizes and CRC-32s of rank 0's files and the world
+  size, so every other rank's record must be there too. A directory without them, or whose files
+  disagree with them, is refused: a crash while writing never leaves a checkpoint that resume
+  would pick up. Every file is fsynced before the record that covers it is written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 COMPLETE = "complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every rank's files recorded (1: rank 0's only)
 
 
 class CheckpointError(ValueError):
@@ -79,57 +81,112 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: str | Path, rank: int, state: TrainState | None, model_state: dict | None,
-         optimizer_state: dict | None, delay_before_complete: float = 0.0, rng: dict | None = None) -> None:
-    """Write this rank's part of a checkpoint; rank 0 writes ``complete.json`` last.
+def rank_record(rank: int) -> str:
+    """The completeness record of a rank's part of a checkpoint (rank 0's is ``complete.json``)."""
+    return COMPLETE if rank == 0 else f"complete-rank{rank}.json"
 
-    ``rng`` is the RNG state to record (default: this thread's, now).
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (new names, renames) durable, not only the files' bytes."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_record(directory: Path, record: str, names: tuple[str, ...], **extra) -> None:
+    """Write a completeness record of ``names`` (already fsynced) last, atomically and durably."""
+    files = {name: {"bytes": (directory / name).stat().st_size, "crc32": _crc32(directory / name)} for name in names}
+    tmp = directory / f".{record}.tmp"
+    _write_text(tmp, json.dumps({"format_version": FORMAT_VERSION, "files": files, **extra}, indent=1,
+                                sort_keys=True))
+    os.replace(tmp, directory / record)
+    _fsync_dir(directory)
+
+
+def save(directory: str | Path, rank: int, state: TrainState | None, model_state: dict | None,
+         optimizer_state: dict | None, delay_before_complete: float = 0.0, rng: dict | None = None,
+         world_size: int | None = None) -> None:
+    """Write this rank's part of a checkpoint, each file fsynced, then its completeness record last.
+
+    ``rng`` is the RNG state to record (default: this thread's, now); ``world_size``: the ranks
+    whose parts rank 0's record requires (default: ``state.world_size``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng if rng is not None else rng_state(), directory / f"rng-rank{rank}.pt")
+    rng_name = f"rng-rank{rank}.pt"
+    _torch_save(rng if rng is not None else rng_state(), directory / rng_name)
     if rank != 0:
+        if delay_before_complete:
+            time.sleep(delay_before_complete)
+        write_record(directory, rank_record(rank), (rng_name,))
         return
     assert state is not None and model_state is not None and optimizer_state is not None
     # Straight to the files (an in-memory buffer would cost another copy of every tensor), then
     # checksummed from the page cache.
-    torch.save(model_state, directory / "model.pt")
-    torch.save(optimizer_state, directory / "optimizer.pt")
-    (directory / "state.json").write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
-    files = {name: {"bytes": (directory / name).stat().st_size, "crc32": _crc32(directory / name)}
-             for name in ("model.pt", "optimizer.pt", "state.json", "rng-rank0.pt")}
-    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    _torch_save(model_state, directory / "model.pt")
+    _torch_save(optimizer_state, directory / "optimizer.pt")
+    _write_text(directory / "state.json", json.dumps(asdict(state), indent=1, sort_keys=True))
     if delay_before_complete:
         time.sleep(delay_before_complete)  # a window for crash tests: everything written but the marker
-    tmp = directory / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, directory / COMPLETE)
+    write_record(directory, COMPLETE, ("model.pt", "optimizer.pt", "state.json", rng_name),
+                 world_size=int(world_size if world_size is not None else state.world_size))
+
+
+def _read_record(directory: Path, record: str, where: str, names: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """(the record, name -> (bytes, crc32) of ``names`` or of every file it lists)."""
+    try:
+        data = json.loads((directory / record).read_text())
+        files = data["files"]
+        return data, {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in (names or files)}
+    except (ValueError, KeyError, TypeError):
+        listing = f"list {' and '.join(names)}" if names else "list its files"
+        raise CheckpointError(f"{where}/{record} is unreadable or does not {listing}: not an alexray checkpoint; "
+                              "pass a directory written by 'alexray train'") from None
 
 
 def check_complete(directory: str | Path, names: tuple[str, ...] | None = None, where: str | None = None) -> None:
-    """Refuse a checkpoint without ``complete.json`` or whose files differ from it.
+    """Refuse a checkpoint without its completeness records or whose files differ from them.
 
-    ``names``: check only these files, which must be listed (default: every file listed);
-    ``where``: the checkpoint's address in messages (default: the directory).
+    ``names``: check only these files, which must be listed in ``complete.json`` (default: every
+    file of every rank); ``where``: the checkpoint's address in messages (default: the directory).
     """
     directory = Path(directory)
     where = where or str(directory)
-    marker = directory / COMPLETE
-    if not marker.is_file():
+    if not (directory / COMPLETE).is_file():
         raise CheckpointError(f"{where} is not a complete checkpoint (no {COMPLETE}): it was being written when its "
                               "run stopped, or it is not an alexray checkpoint; use an earlier checkpoint of the run")
-    try:
-        files = json.loads(marker.read_text())["files"]
-        expected = {name: (int(files[name]["bytes"]), str(files[name]["crc32"])) for name in (names or files)}
-    except (ValueError, KeyError, TypeError):
-        listing = f"list {' and '.join(names)}" if names else "list its files"
-        raise CheckpointError(f"{where}/{COMPLETE} is unreadable or does not {listing}: not an alexray checkpoint; "
-                              "pass a directory written by 'alexray train'") from None
+    manifest, expected = _read_record(directory, COMPLETE, where, names)
+    covered: dict[str, str] = {}
+    if names is None:
+        for rank in range(1, int(manifest.get("world_size", 1))):
+            record = rank_record(rank)
+            if not (directory / record).is_file():
+                raise CheckpointError(f"{where} is not a complete checkpoint (no {record}): rank {rank} had not "
+                                      "finished its part when its run stopped; use an earlier checkpoint of the run")
+            listed = _read_record(directory, record, where)[1]
+            expected.update(listed)
+            covered.update(dict.fromkeys(listed, record))
     for name, (size, crc) in expected.items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != size or _crc32(path) != crc:
-            raise CheckpointError(f"{where}/{name} is missing, truncated or damaged (it differs from {COMPLETE}); "
-                                  "use an earlier checkpoint of the run")
+            raise CheckpointError(f"{where}/{name} is missing, truncated or damaged (it differs from "
+                                  f"{covered.get(name, COMPLETE)}); use an earlier checkpoint of the run")
 
 
 def load_state(directory: str | Path) -> TrainState:
@@ -221,6 +278,13 @@ class BackgroundWriter:
     def written(self) -> bool:
         """The started checkpoint's files are all written (finish() will not wait)."""
         return self._thread is not None and not self._thread.is_alive()
+
+    def abandon(self) -> None:
+        """Wait for a write in progress without publishing it (the run is failing): a thread still
+        writing when the interpreter exits aborts the process instead of letting the error show."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def finish(self) -> None:
         if self._thread is None:

@@ -42,6 +42,8 @@ class DataSpec:
     eval_resize: int = 256  # short side before the centre crop at evaluation
     lighting_std: float = 0.1  # the paper's PCA colour augmentation (alpha std); 0 turns it off
     ten_crop: bool = False  # evaluate on 10 crops (corners, centre and flips), as in the paper
+    max_skipped_fraction: float = 0.001  # corrupt share of a rank's epoch (or of val) above which the run fails
+    verify_shards: bool = False  # check shards' sha256 against the manifest as they stream (a shard per stream in RAM)
 
 
 @dataclass
@@ -141,7 +143,21 @@ _CHOICES = {
     "train.grad_compression": ("none", "bf16"),
     "model.init": ("paper", "kaiming"),
 }
+MAX_SEED = 2 ** 32 - 1
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+# Query parameters that carry a credential or a signature: presigned S3 and GCS URLs, Azure SAS
+# tokens, API keys. Whoever holds such a URL holds the access it grants.
+_SECRET_QUERY = re.compile(r"[?&;](x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+                           r"x-goog-credential|awsaccesskeyid|signature|sig|access_token|auth_token|token|"
+                           r"api_?key|password|secret)=", re.IGNORECASE)
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Every spec field whose value becomes a path component, with the longest value it may take:
+# run.name is the run directory under run.storage; model.name starts a generated run name
+# (new_run_name adds "-YYYYmmdd-HHMMSS-xxxxxx", 23 characters).
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_PATH_COMPONENTS = {"run.name": 128, "model.name": 128 - 23}
+_PATH_USES = {"run.name": "it names the run directory in run.storage",
+              "model.name": "it starts the generated run name, the run directory in run.storage"}
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
@@ -229,6 +245,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _url_secret(text: str) -> str | None:
+    """What secret a URL in ``text`` carries ("password", "token" or a query parameter), or None.
+
+    Credentials are not always well-formed userinfo: an AWS secret key may hold '/' (so the
+    password runs past the first '/'), and a bare token sits before '@' without any ':'. A
+    ``host:port/path@x`` is told apart by its all-digit port.
+    """
+    for start in _URL_START.finditer(text):
+        rest = re.split(r"\s", text[start.end():], maxsplit=1)[0]
+        query = _SECRET_QUERY.search(rest)
+        if query:
+            return query.group(1)
+        before, at, _ = rest.partition("@")
+        if not at or not before:
+            continue
+        cut = min((i for i in (before.find(c) for c in "/?#") if i >= 0), default=len(before))
+        if cut == len(before):  # plain userinfo: user:password@ or token@
+            return "password" if ":" in before else "token"
+        host, colon, after = before[:cut].partition(":")
+        if colon and host and not (after.isdigit() and len(after) <= 5):
+            return "password"  # user:pass/word@host
+    return None
+
+
 def _check_secrets(data: Any, path: str = "") -> None:
     if isinstance(data, dict):
         for key, value in data.items():
@@ -237,12 +277,33 @@ def _check_secrets(data: Any, path: str = "") -> None:
                 raise SpecError(f"{sub}: specs must not carry secrets (Ray shows job specs in plain text); "
                                 "give the nodes credentials through their own AWS credential chain")
             _check_secrets(value, sub)
-    elif isinstance(data, str) and re.search(r"://[^/\s:@]+:[^/\s@]+@", data):
-        raise SpecError(f"{path}: a URL with an embedded password; remove it and use the nodes' credentials")
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _check_secrets(value, f"{path}[{i}]")
+    elif isinstance(data, str):
+        found = _url_secret(data)
+        if found in ("password", "token"):
+            raise SpecError(f"{path}: a URL with an embedded {found}; specs must not carry secrets (Ray shows job "
+                            "specs in plain text): remove it and use the nodes' own credentials")
+        if found:
+            raise SpecError(f"{path}: a presigned or token-carrying URL ({found} in its query); specs must not "
+                            "carry secrets (Ray shows job specs in plain text): give s3://BUCKET/PREFIX and let "
+                            "the nodes use their own credentials")
+
+
+def _check_path_components(spec: JobSpec) -> None:
+    """Refuse a value that would leave its directory ('..', '/') or break a file name, naming the field set."""
+    for path, longest in _PATH_COMPONENTS.items():
+        section, name = path.split(".")
+        value = getattr(getattr(spec, section), name)
+        if value is not None and (len(value) > longest or not _PATH_COMPONENT.fullmatch(value)):
+            raise SpecError(f"{path}: {value!r} must be letters, digits, '_', '.', '-' (at most {longest}, starting "
+                            f"with a letter or digit): {_PATH_USES[path]}")
 
 
 def validate(spec: JobSpec) -> JobSpec:
     """Refuse impossible values, naming the field."""
+    _check_path_components(spec)
     for path, allowed in _CHOICES.items():
         section, name = path.split(".")
         value = getattr(getattr(spec, section), name)
@@ -264,12 +325,16 @@ def validate(spec: JobSpec) -> JobSpec:
         raise SpecError(f"train.weight_decay: must not be negative, got {t.weight_decay}")
     if t.max_steps is not None and t.max_steps < 1:
         raise SpecError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if not 0 <= t.seed <= MAX_SEED:  # numpy's seeds are unsigned 32-bit; torch's are derived from it by x1000
+        raise SpecError(f"train.seed: must be an integer between 0 and {MAX_SEED}, got {t.seed}")
     if d.num_workers < 0:
         raise SpecError(f"data.num_workers: must not be negative, got {d.num_workers}")
     if not 0 < d.min_crop_area <= 1:
         raise SpecError(f"data.min_crop_area: must be in (0, 1], got {d.min_crop_area}")
     if not 0 <= d.lighting_std <= 1:
         raise SpecError(f"data.lighting_std: must be in [0, 1], got {d.lighting_std}")
+    if not 0 <= d.max_skipped_fraction <= 1:
+        raise SpecError(f"data.max_skipped_fraction: must be in [0, 1], got {d.max_skipped_fraction}")
     smallest = {"alexnet": 64, "alexnet_tv": 64}.get(spec.model.name)  # below, the pooling shrinks maps to nothing
     if smallest and d.image_size < smallest:
         raise SpecError(f"data.image_size: {d.image_size} is too small for {spec.model.name}; use at least {smallest}")
@@ -318,8 +383,6 @@ def validate(spec: JobSpec) -> JobSpec:
         which = "freeze_features" if f.freeze_features else "backbone_lr_mult"
         raise SpecError(f"finetune.{which}: only applies with finetune.from_checkpoint "
                         "(alexray finetune SPEC.yaml --from CHECKPOINT)")
-    if spec.run.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", spec.run.name):
-        raise SpecError(f"run.name: {spec.run.name!r} must be letters, digits, '_', '.', '-' (at most 128)")
     return spec
 
 
@@ -345,10 +408,22 @@ def load_spec(source: str | Path | dict | None, overrides: list[str] | None = No
 
 
 def run_identity(spec: JobSpec) -> dict:
-    """Spec fields a resumed run must share with the run it continues (the rest may change on resume)."""
-    return {"data.path": spec.data.path.rstrip("/"), "data.streams": spec.data.streams,
-            "train.global_batch_size": spec.train.global_batch_size, "train.seed": spec.train.seed,
-            "model.name": spec.model.name, "model.width": spec.model.width}
+    """Spec fields a resumed run must share with the run it continues (the rest may change on resume):
+    those that decide the data order (a change would repeat some samples and skip others) and the
+    weights' shapes (a checkpoint would not load, or would load into another network)."""
+    d, m = spec.data, spec.model
+    identity = {"data.path": d.path.rstrip("/"), "data.streams": d.streams, "data.shuffle_block": d.shuffle_block,
+                "data.image_size": d.image_size, "train.global_batch_size": spec.train.global_batch_size,
+                "train.seed": spec.train.seed, "model.name": m.name, "model.width": m.width,
+                "model.num_classes": m.num_classes}
+    if m.name == "alexnet":  # the only model these two build differently
+        identity.update({"model.groups": m.groups, "model.init": m.init})
+    return identity
+
+
+def _identity_changes(theirs: dict, ours: dict) -> str:
+    """``field old -> new`` for each field both record and that differs (older records hold fewer)."""
+    return ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k])
 
 
 def planned_steps(spec: JobSpec, steps_per_epoch: int) -> int:
@@ -368,11 +443,18 @@ def check_same_job(existing: dict, spec: JobSpec) -> None:
     Reusing a name resumes that run from its newest checkpoint (Ray finds it by name and storage),
     so a different dataset, batch, seed or model under the same name is refused.
     """
-    theirs, ours = run_identity(spec_from_dict(existing)), run_identity(spec)
-    if theirs != ours:
-        changed = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+    changed = _identity_changes(run_identity(spec_from_dict(existing)), run_identity(spec))
+    if changed:
         raise SpecError(f"run.name: a run named {spec.run.name!r} already exists in {spec.run.storage} as a "
                         f"different job ({changed}); pick a new run.name, or leave it unset for a fresh one")
+
+
+def check_resumed_identity(recorded: dict, spec: JobSpec) -> None:
+    """Refuse to resume a checkpoint whose recorded identity (``state.json``) is another job's."""
+    changed = _identity_changes(recorded, run_identity(spec))
+    if changed:
+        raise SpecError(f"run.name: this run's checkpoint belongs to a different job ({changed}); put the fields "
+                        "back, or use a new run.name for a different job")
 
 
 def spec_from_dict(data: dict) -> JobSpec:

@@ -3,13 +3,19 @@
 Training: ``train_batches`` decodes with threads straight into each step's batch tensor (see
 ``ThreadedTrainLoader``). Evaluation: ``eval_batches``, a DataLoader over the rank's contiguous
 share of the split. Shards are read with our boto3 opener registered in WebDataset's ``gopen``
-(so ``s3://`` URLs stream and resume) and a minimal tar reader. A sample that fails to decode is
-dropped from its batch and counted; a shard that cannot be read costs its samples, counted the
-same way, never a crash.
+(so ``s3://`` URLs stream and resume) and a minimal tar reader.
+
+Two kinds of fault, told apart: a shard that cannot be read at all (refused credentials, a
+deleted object, bucket or file, a sha256 that does not match the manifest) raises a one-line
+``StorageError`` naming it, since every later read would fail the same way and the run would
+train on less and less; corrupt *content* (a truncated or garbled tar, an undecodable image, a
+class that is missing, not an integer or out of range) costs only those samples, which are
+dropped from their batch and counted (the training loop bounds how many).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
@@ -22,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
+from data_prep.errors import EXIT_FAILED, ShardError, StorageError
 from data_prep.storage import apply_storage_env, storage_env
 
 from . import s3io
@@ -39,6 +46,7 @@ class SplitInfo:
     sizes: tuple[int, ...]
     num_classes: int
     class_names: tuple[str, ...] = field(default=(), compare=False)
+    digests: tuple[str, ...] = field(default=(), compare=False)  # sha256 per shard, to verify; () skips it
 
     @property
     def samples(self) -> int:
@@ -55,91 +63,245 @@ def load_manifest(dataset: str) -> dict:
         raise ValueError(f"data.path: no manifest.json at {dataset}; shard the dataset first with 'alexray shard'") from None
 
 
-def split_info(dataset: str, manifest: dict, split: str) -> SplitInfo:
+def split_info(dataset: str, manifest: dict, split: str, verify: bool = False) -> SplitInfo:
+    """The split's shards; with ``verify`` each is checked against its manifest sha256 as it is read."""
     if split not in manifest["splits"]:
         raise ValueError(f"data: split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
     shards = manifest["splits"][split]["shards"]
     base = dataset.rstrip("/")
+    digests: tuple[str, ...] = ()
+    if verify:
+        missing = next((s["name"] for s in shards if not s.get("sha256")), None)
+        if missing:
+            raise ValueError(f"data.verify_shards: the manifest of {dataset} has no sha256 for {missing}; "
+                             "re-shard with 'alexray shard' or set data.verify_shards: false")
+        digests = tuple(s["sha256"] for s in shards)
     return SplitInfo(tuple(f"{base}/{s['name']}" for s in shards), tuple(s["samples"] for s in shards),
-                     len(manifest["classes"]), tuple(c["name"] for c in manifest["classes"]))
+                     len(manifest["classes"]), tuple(c["name"] for c in manifest["classes"]), digests)
+
+
+class CorruptShard(Exception):
+    """A shard's bytes are not a readable tar stream from some point on (truncated or garbled)."""
+
+
+_IMAGE_KEYS = ("jpg", "jpeg", "png")
+
+
+def sample_parts(sample: dict | None, num_classes: int) -> tuple[bytes, int]:
+    """A sample's image bytes and class index; CorruptSample when either is missing or invalid."""
+    if sample is None:
+        raise CorruptSample("lost with the rest of a corrupt shard")
+    image = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
+    if image is None:
+        raise CorruptSample(f"no image (members: {', '.join(k for k in sample if not k.startswith('__'))})")
+    if "cls" not in sample:
+        raise CorruptSample("no .cls member")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        raise CorruptSample(f"class {sample['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:  # cross_entropy would fail the step, or score a class that is not there
+        raise CorruptSample(f"class {label} is outside [0, {num_classes})")
+    return image, label
+
+
+def too_many_skipped(what: str, fraction: float, dataset: str) -> ShardError:
+    """The end of a run that would otherwise go on training (or scoring) on a shrinking dataset."""
+    return ShardError(f"data.max_skipped_fraction: {what} were corrupt or unreadable, more than {fraction:g}; the "
+                      f"workers' log names each ('skipped sample'): repair or re-shard {dataset}, or raise "
+                      "data.max_skipped_fraction", exit_code=EXIT_FAILED)
+
+
+def _skip(sample: dict | None, reason: Exception) -> None:
+    if sample is not None:  # a lost sample was reported with its shard
+        log.warning("skipped sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
 
 
 def _octal(field: bytes) -> int:
     return int(field.rstrip(b"\0 ").decode("ascii") or "0", 8)
 
 
+def _check_header(header: bytes) -> None:
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        raise CorruptShard("tar header without a checksum") from None
+    rest = header[:148] + header[156:]
+    unsigned = sum(rest) + 8 * 32  # the checksum field counts as spaces
+    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in rest):  # old writers: signed bytes
+        raise CorruptShard("tar header checksum mismatch")
+
+
 def iter_tar(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in a tar stream.
+    """(name, data) of each regular file in a tar stream; CorruptShard where the stream stops
+    being a tar (cut short, garbled header).
 
     Reads ustar headers directly: Python's tarfile spends more time on a header than the loader
     spends on the member. Handles the long-name extensions other tar writers emit (pax ``path``
-    records, GNU ``././@LongLink``) so shards made by other tools work too.
+    records, GNU ``././@LongLink``, the POSIX ustar prefix) so shards made by other tools work too.
     """
     long_name: str | None = None
     while True:
         header = stream.read(512)
-        if len(header) < 512 or header == b"\0" * 512:
+        if header == b"\0" * 512 or not header:
             return
-        size = _octal(header[124:136])
+        if len(header) < 512:
+            raise CorruptShard(f"tar header cut short at {len(header)} of 512 bytes")
+        _check_header(header)
+        try:
+            size = _octal(header[124:136])
+        except ValueError:
+            raise CorruptShard("tar header with a bad size field") from None
         kind = header[156:157]
         data = stream.read(size)
         if len(data) < size:
-            raise EOFError(f"tar member truncated: {len(data)} of {size} bytes")
+            raise CorruptShard(f"tar member cut short: {len(data)} of {size} bytes")
         stream.read(-size % 512)
-        if kind in (b"x", b"L"):  # long name of the next member
-            if kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8")
-            else:
-                for record in data.decode("utf-8").splitlines():
-                    key, _, value = record.partition(" ")[2].partition("=")
-                    if key == "path":
-                        long_name = value
-            continue
-        if kind not in (b"0", b"\0"):
-            long_name = None
-            continue  # directories, links, global headers
-        name = long_name or header[:100].rstrip(b"\0").decode("utf-8")
-        prefix = header[345:500].rstrip(b"\0")
-        if prefix and not long_name and header[257:262] == b"ustar":
-            name = f"{prefix.decode('utf-8')}/{name}"
+        try:
+            if kind in (b"x", b"L"):  # long name of the next member
+                if kind == b"L":
+                    long_name = data.rstrip(b"\0").decode("utf-8")
+                else:
+                    long_name = _pax_path(data) or long_name
+                continue
+            if kind not in (b"0", b"\0"):
+                long_name = None
+                continue  # directories, links, global headers
+            name = long_name or header[:100].rstrip(b"\0").decode("utf-8")
+            prefix = header[345:500].rstrip(b"\0")
+            if prefix and not long_name and header[257:263] == b"ustar\0":  # POSIX only: GNU keeps times there
+                name = f"{prefix.decode('utf-8')}/{name}"
+        except UnicodeDecodeError:
+            raise CorruptShard("tar member name is not UTF-8") from None
         long_name = None
         yield name, data
 
 
-def _group_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard in file order: {'__key__', 'jpg', 'cls', ...}; raises on a broken stream."""
-    s3io.register()
-    with gopen(url, "rb") as stream:
-        current: dict | None = None
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` of a pax extended header. Records are ``LEN KEY=VALUE\n`` with LEN counting the
+    whole record, so a value may hold newlines: split by length, not by line."""
+    path, i = None, 0
+    while i < len(data) and data[i:i + 1] != b"\0":
+        length_text, space, _ = data[i:i + 20].partition(b" ")
+        if not space or not length_text.isdigit() or int(length_text) <= len(length_text) + 1:
+            raise CorruptShard("tar pax header with a bad record length")
+        record = data[i + len(length_text) + 1:i + int(length_text)]
+        key, _, value = record.rstrip(b"\n").partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        i += int(length_text)
+    return path
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """(key, extension) as webdataset splits a member name: the key keeps its folder, so samples
+    from different folders with the same file name stay apart; the extension starts at the first
+    dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _group_samples(stream, url: str) -> Iterator[dict]:
+    """Samples of one shard in file order: {'__key__', '__url__', 'jpg', 'cls', ...}."""
+    current: dict | None = None
+    try:
         for name, data in iter_tar(stream):
-            key, _, ext = posixpath.basename(name).partition(".")
+            key, ext = _sample_key(name)
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
-                current = {"__key__": key}
+                current = {"__key__": key, "__url__": url}
             current[ext] = data
-        if current is not None:
+    except CorruptShard:
+        if current is not None:  # the members read before the break are whole
             yield current
+        raise
+    if current is not None:
+        yield current
 
 
-def read_segments(urls: tuple[str, ...], segments: tuple[Segment, ...]) -> Iterator[dict | None]:
-    """Every sample of the segments, in order; ``None`` stands for a sample that could not be read."""
-    for seg in segments:
-        wanted = seg.stop - seg.start
-        produced = 0
+class _Hashing:
+    """A read-only stream that feeds every byte read through sha256 (one pass: read and verify)."""
+
+    def __init__(self, stream):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def _unreadable(url: str, error: OSError) -> StorageError:
+    """A shard that cannot be opened or read: one line naming it and the fix."""
+    if isinstance(error, FileNotFoundError):
+        return StorageError(f"{url} no longer exists: the dataset changed during the run; restore it "
+                            f"(alexray shard verify checks a dataset), then {s3io.RUN_AGAIN}")
+    if isinstance(error, PermissionError):
+        return StorageError(f"cannot read {url}: permission denied; make it readable, then {s3io.RUN_AGAIN}")
+    return StorageError(f"cannot read {url}: {error.strerror or error}; check the disk or mount, then "
+                        f"{s3io.RUN_AGAIN}")
+
+
+def _segment_samples(url: str, seg: Segment, digest: str | None) -> Iterator[dict]:
+    """Samples ``[seg.start, seg.stop)`` of a shard. With ``digest`` the whole shard is read and
+    hashed before any sample is handed out, so no sample of a changed shard is ever trained on
+    (this holds one segment, at most a shard, in memory)."""
+    s3io.register()
+    with gopen(url, "rb") as raw:
+        if digest is None:
+            for index, sample in enumerate(_group_samples(raw, url)):
+                if index >= seg.start:
+                    yield sample
+                if index + 1 >= seg.stop:
+                    return
+            return
+        stream, kept, corrupt = _Hashing(raw), [], None
         try:
-            for index, sample in enumerate(_group_samples(urls[seg.shard])):
-                if index < seg.start:
-                    continue
-                if produced == wanted:
-                    break
+            for index, sample in enumerate(_group_samples(stream, url)):
+                if seg.start <= index < seg.stop:
+                    kept.append(sample)
+        except CorruptShard as e:
+            corrupt = e
+        found = stream.finish()
+    if found != digest:
+        raise StorageError(f"{url} does not match the sha256 in its manifest ({found[:12]}..., expected "
+                           f"{digest[:12]}...): it changed or was damaged after sharding; restore it (alexray "
+                           f"shard verify checks a dataset), then {s3io.RUN_AGAIN}")
+    yield from kept
+    if corrupt is not None:
+        raise corrupt
+
+
+def read_segments(urls: tuple[str, ...], segments: tuple[Segment, ...],
+                  digests: tuple[str, ...] = ()) -> Iterator[dict | None]:
+    """Every sample of the segments, in order; ``None`` stands for a sample lost to corrupt content.
+
+    Raises ``StorageError`` for a shard that cannot be read (see the module's docstring).
+    """
+    for seg in segments:
+        url, wanted, produced = urls[seg.shard], seg.stop - seg.start, 0
+        if wanted <= 0:
+            continue
+        try:
+            for sample in _segment_samples(url, seg, digests[seg.shard] if digests else None):
                 yield sample
                 produced += 1
-        except Exception as e:  # noqa: BLE001 - a broken shard must not kill the worker
-            log.warning("shard %s unreadable after sample %d: %s; its remaining samples are skipped",
-                        urls[seg.shard], seg.start + produced, e)
-        if produced < wanted:
-            log.warning("shard %s: %d samples missing", urls[seg.shard], wanted - produced)
+        except CorruptShard as e:
+            log.warning("shard %s is corrupt after sample %d (%s): its %d remaining samples are skipped",
+                        url, seg.start + produced, e, wanted - produced)
+        except OSError as e:  # local files; S3 errors arrive as StorageError already
+            raise _unreadable(url, e) from e
+        else:
+            if produced < wanted:
+                log.warning("shard %s ends %d samples short of its manifest: they are skipped", url,
+                            wanted - produced)
         for _ in range(wanted - produced):
             yield None
 
@@ -153,7 +315,7 @@ class _StreamCursor:
     def __init__(self, split: SplitInfo, plan: EpochPlan, stream: int, shuffle_block: int, seed: int, start: int):
         self.plan, self.stream, self.block, self.seed = plan, stream, shuffle_block, seed
         self.next_start = start - start % shuffle_block
-        self.reader = read_segments(split.urls, self._segments_from(self.next_start))
+        self.reader = read_segments(split.urls, self._segments_from(self.next_start), split.digests)
         self.loaded_start: int | None = None
         self.buffer: list[dict | None] = []
 
@@ -270,11 +432,10 @@ class ThreadedTrainLoader:
             sample = cursor.get(position)
             rng = np.random.default_rng((self.seed, self.plan.epoch, sl.stream, position))
             try:
-                if sample is None or "jpg" not in sample or "cls" not in sample:
-                    raise CorruptSample("missing")
-                image = train_image(sample["jpg"], self.image_size, rng, self.min_crop_area)
-                label = int(sample["cls"])
-            except (CorruptSample, ValueError):
+                data, label = sample_parts(sample, self.split.num_classes)
+                image = train_image(data, self.image_size, rng, self.min_crop_area)
+            except (CorruptSample, ValueError) as e:
+                _skip(sample, e)
                 skipped += 1
                 continue
             row = offset + j
@@ -361,13 +522,13 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         images, labels, skipped = [], [], 0
-        for sample in read_segments(self.split.urls, self.segments[worker::workers]):
+        for sample in read_segments(self.split.urls, self.segments[worker::workers], self.split.digests):
             try:
-                if sample is None or "jpg" not in sample:
-                    raise CorruptSample("missing")
-                images.append(eval_image(sample["jpg"], self.image_size, self.resize, self.ten_crop))
-                labels.append(int(sample["cls"]))
-            except (CorruptSample, ValueError):
+                data, label = sample_parts(sample, self.split.num_classes)
+                images.append(eval_image(data, self.image_size, self.resize, self.ten_crop))
+                labels.append(label)
+            except (CorruptSample, ValueError) as e:
+                _skip(sample, e)
                 skipped += 1
             if len(images) == self.batch_size:
                 yield self._batch(images, labels, skipped)
@@ -390,5 +551,19 @@ def eval_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, 
     segments = eval_segments(split.sizes, world_size, rank)
     workers = min(num_workers, len(segments))
     dataset = EvalStream(split, segments, image_size, resize, batch_size, ten_crop)
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      multiprocessing_context=_mp() if workers else None, worker_init_fn=_WorkerEnv() if workers else None)
+    return _one_line_errors(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                       multiprocessing_context=_mp() if workers else None,
+                                       worker_init_fn=_WorkerEnv() if workers else None))
+
+
+def _one_line_errors(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches; a worker process's ShardError comes back as its own one line, not the
+    worker's traceback that DataLoader puts into the message."""
+    try:
+        yield from loader
+    except ShardError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        last = lines[-1].split(f"{type(e).__name__}: ", 1)[-1]
+        raise type(e)(last) from None

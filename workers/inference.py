@@ -35,7 +35,7 @@ from .models import build_model, class_probabilities
 
 log = logging.getLogger("alexray.inference")
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)")
+CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
 MODEL_FILES = ("state.json", "model.pt")
 
 
@@ -72,9 +72,9 @@ def describe(info: dict) -> str:
 
 
 def _newest_first(dirs: list[str]) -> list[str]:
-    def order(name: str) -> tuple[int, int]:
+    def order(name: str) -> tuple[int, int, int]:
         match = CHECKPOINT_DIR.fullmatch(name.rstrip("/").rpartition("/")[2])
-        return (int(match[1]), int(match[2])) if match else (-1, -1)
+        return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else (-1, -1, -1)
 
     return sorted(dirs, key=order, reverse=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from urllib.parse import urlparse
 
@@ -82,6 +83,31 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
         for name, value in LOOPBACK_ONLY.items():
             os.environ.setdefault(name, value)
     import ray
+
+    run_dir = prepare_run(spec)
+    token_dir = None
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="ERROR")
+        else:  # a new cluster for this job, reachable from this machine only, with a token of its own
+            from orchestrator.localcluster import use_private_token
+
+            token_dir = use_private_token()
+            try:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         logging_level="ERROR")
+            except BaseException:
+                shutil.rmtree(token_dir, ignore_errors=True)
+                raise
+    try:
+        return _fit(spec, run_dir)
+    finally:
+        if token_dir is not None:  # the cluster is this job's: stop it, then drop its token
+            ray.shutdown()
+            shutil.rmtree(token_dir, ignore_errors=True)
+
+
+def _fit(spec: JobSpec, run_dir: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -89,12 +115,6 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
 
     from .train import train_func
 
-    run_dir = prepare_run(spec)
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, logging_level="ERROR")
-        else:  # a new cluster for this job, reachable from this machine only
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
     lo, hi = spec.worker_range()
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:

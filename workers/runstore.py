@@ -1,30 +1,86 @@
 """The run directory ``{storage}/{run_name}/`` beside Ray's checkpoints: what people and tools read.
 
 - ``spec.json``: the spec the run was started with;
-- ``attempts/NNNN.json``: one per start of the worker group (restarts = count - 1);
+- ``attempts/NNNN.json``: one per start of the worker group (restarts = count - 1), with the
+  checkpoint it resumed from and the newer ones it had to skip, and why;
 - ``progress.json``: the latest metrics (epoch, step, loss, images/s), for ``alexray status``;
 - ``best/``: the model with the best val top-1 so far (complete.json written last);
 - ``samples/``: with ``debug.sample_log``, the sample keys each rank trained on, per step and attempt;
 - ``summary.json``: written at the end (epochs, steps, samples, top-1/5, images/s, wall time,
   restarts, final weights sha256).
+
+Checkpoints are written first to this run's scratch directory on the local disk
+(``{tmp}/alexray-run-{name}-{hash}/``), one folder per writing process, named after its host and
+pid: a killed worker's folder is removed at the run's next start, never another live process's.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import os
+import re
+import shutil
+import socket
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
-from data_prep.storage import open_storage
+from data_prep.storage import LocalStorage, open_storage
 
 from . import checkpoint as ckpt
+
+log = logging.getLogger("alexray.runstore")
+
+# Ray's checkpoint_dir_name; ``_aNNNN``: a step taken again by attempt NNNN after the checkpoint of
+# that step was found damaged (Ray deletes an evicted checkpoint by path, so names never repeat)
+CHECKPOINT_NAME = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
+_SCRATCH_NAME = re.compile(r"[a-z]+-(?P<host>.+)-p(?P<pid>\d+)-[^-]+")
+
+
+def checkpoint_order(name: str) -> tuple[int, int, int]:
+    """(epoch, step, attempt) of a checkpoint directory name: larger is newer."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a checkpoint directory name")
+    return int(match[1]), int(match[2]), int(match[3] or -1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+class Resume:
+    """The checkpoint a start resumes from: a context manager yielding its local directory.
+
+    ``name``: the checkpoint's directory name; ``skipped``: (name, reason) of each newer one passed over.
+    """
+
+    def __init__(self, name: str, directory: Path, downloaded: bool, skipped: list[tuple[str, str]]):
+        self.name, self.directory, self.downloaded, self.skipped = name, directory, downloaded, skipped
+
+    def __enter__(self) -> str:
+        return str(self.directory)
+
+    def __exit__(self, *exc) -> None:
+        if self.downloaded:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class RunStore:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.storage = open_storage(run_dir)
+        self.resumed: Resume | None = None  # what resume_point chose at this start
 
     def _write_json(self, name: str, data) -> None:
         self.storage.write_bytes(name, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
@@ -34,12 +90,180 @@ class RunStore:
             return None
         return json.loads(self.storage.read_bytes(name))
 
+    # ---- scratch on the local disk ----------------------------------------------------------------
+
+    @property
+    def scratch_root(self) -> Path:
+        """This run's scratch directory on this machine (the run's name, and a hash of its storage)."""
+        name = self.run_dir.rstrip("/").rpartition("/")[2]
+        digest = hashlib.sha256(self.run_dir.rstrip("/").encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"alexray-run-{name}-{digest}"
+
+    def scratch_dir(self, kind: str, pid: int | None = None) -> str:
+        """A new folder for ``kind`` (ckpt, best, resume) owned by process ``pid`` (default: this one)."""
+        self.scratch_root.mkdir(parents=True, exist_ok=True)
+        prefix = f"{kind}-{socket.gethostname()}-p{pid or os.getpid()}-"
+        return tempfile.mkdtemp(prefix=prefix, dir=self.scratch_root)
+
+    def clean_scratch(self) -> int:
+        """Remove this run's scratch folders whose process on this host is gone; returns how many."""
+        removed, host = 0, socket.gethostname()
+        if not self.scratch_root.is_dir():
+            return 0
+        for entry in self.scratch_root.iterdir():
+            match = _SCRATCH_NAME.fullmatch(entry.name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def checkpoint_names(self, prefix: str = "") -> list[str]:
+        """Checkpoint directories under ``prefix`` (Ray's: the run directory itself), newest first."""
+        names = {obj.name[len(prefix):].partition("/")[0] for obj in self.storage.list(f"{prefix}checkpoint_")}
+        return sorted((n for n in names if CHECKPOINT_NAME.fullmatch(n)), key=checkpoint_order, reverse=True)
+
+    def checkpoint_name(self, epoch: int, step: int, attempt: int) -> str:
+        """The directory name of a new checkpoint; never that of one skipped at this start."""
+        name = f"checkpoint_e{epoch:04d}_s{step:09d}"
+        avoid = {skipped for skipped, _ in self.resumed.skipped} if self.resumed else set()
+        while name in avoid:
+            name = f"checkpoint_e{epoch:04d}_s{step:09d}_a{attempt:04d}"
+            attempt += 1
+        return name
+
+    def _open(self, path: str, where: str) -> tuple[Path, bool]:
+        """A local directory holding the checkpoint at ``path``: itself, or a download of it."""
+        if isinstance(self.storage, LocalStorage):
+            return self.storage.root / path, False
+        directory = Path(self.scratch_dir("resume"))
+        try:
+            if self.storage.exists(f"{path}/{ckpt.COMPLETE}"):  # else nothing worth downloading
+                for obj in self.storage.list(f"{path}/"):
+                    name = obj.name[len(path) + 1:]
+                    if not name or "/" in name:  # a folder marker (pyarrow writes them for Ray), or not ours
+                        continue
+                    with open(directory / name, "wb") as f:
+                        for chunk in self.storage.iter_chunks(obj.name):
+                            f.write(chunk)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory, True
+
+    def resume_point(self, newest: str | None, prefix: str, rank: int, world: int, agree) -> Resume | None:
+        """At each start: clear this run's scratch left by killed processes, then choose the
+        checkpoint to resume from; None for a fresh start.
+
+        ``newest``: the newest checkpoint (the one Ray registered; older ones lie beside it, newer
+        ones were never registered). The first of it and the older ones, newest first, that every
+        rank finds complete (every rank's files, against their records) is chosen; the others are
+        skipped with their reason. ``agree(values)`` sums ``values`` over the ranks (every rank calls
+        it the same number of times). No usable checkpoint fails the start: training from scratch
+        under the name of a run that has checkpoints would throw its work away.
+        """
+        self.clean_scratch()
+        self.resumed = None
+        if newest is None:
+            return None
+        newer = checkpoint_order(newest)
+        candidates = [newest] + [n for n in self.checkpoint_names(prefix) if checkpoint_order(n) < newer]
+        crc = zlib.crc32("\n".join(candidates).encode())
+        mine = [float(len(candidates)), crc >> 16, (crc >> 16) ** 2, crc & 0xFFFF, (crc & 0xFFFF) ** 2]
+        if agree(mine) != [world * v for v in mine]:  # sums equal to world x each value: all ranks alike
+            raise ckpt.CheckpointError(f"{self.run_dir}: the ranks see different checkpoints; the run's storage "
+                                       "must be one shared by every node (run.storage)")
+        skipped: list[tuple[str, str]] = []
+        for name in candidates:
+            where = self.storage.join(prefix + name)
+            reason = None
+            try:
+                directory, downloaded = self._open(prefix + name, where)
+                try:
+                    ckpt.check_complete(directory, where=where)
+                except ckpt.CheckpointError as e:
+                    reason = str(e)
+            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is skipped like a damaged one
+                directory, downloaded, reason = None, False, f"{where} cannot be read: {e}"
+            votes, rank0_ok = agree([float(reason is None), float(reason is None and rank == 0)])
+            if votes == world:
+                self.resumed = Resume(name, directory, downloaded, skipped)
+                if skipped and rank == 0:
+                    log.warning("resuming from %s, the newest checkpoint every rank can use", name)
+                return self.resumed
+            if downloaded:
+                shutil.rmtree(directory, ignore_errors=True)
+            if reason is None:
+                reason = f"{where} is unusable on another rank (that rank's log says why)"
+            if rank == 0 or rank0_ok:  # rank 0 reports every skip; other ranks what rank 0 did not see
+                log.warning("skipping %s: %s", name, reason)
+            skipped.append((name, reason))
+        tried = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+        raise ckpt.CheckpointError(f"no usable checkpoint in {self.run_dir} ({tried}); restore a checkpoint of "
+                                   "the run from a copy, or train under a new run.name")
+
+    def publish_checkpoint(self, local_dir: str, target: str, keep: int) -> None:
+        """Move a checkpoint from scratch to ``target`` in the run directory, every rank's record
+        after its files and ``complete.json`` last, then drop the oldest beyond ``keep`` (for runs
+        without Ray; Ray does both for runs on Ray)."""
+        local = Path(local_dir)
+        names = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
+        records = [n for n in names if n.startswith("complete-rank")] + [ckpt.COMPLETE]
+        self._delete_checkpoint(target)  # a checkpoint of the same name stops counting before it is replaced
+        for name in [n for n in names if n not in records] + records:
+            self._put_durably(f"{target}/{name}", local / name)
+        shutil.rmtree(local, ignore_errors=True)
+        prefix = target.rpartition("/")[0] + "/" if "/" in target else ""
+        for old in self.checkpoint_names(prefix)[keep:]:
+            self._delete_checkpoint(prefix + old)
+
+    def _put_durably(self, name: str, source: Path) -> None:
+        """Upload, or on local storage place and fsync, so the record written after it is never ahead."""
+        if not isinstance(self.storage, LocalStorage):
+            self.storage.put_file(name, source)
+            return
+        path = self.storage.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, path)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        with open(path, "rb") as f:  # a no-op for a renamed file already synced; the copy's bytes otherwise
+            os.fsync(f.fileno())
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _delete_checkpoint(self, path: str) -> None:
+        self.storage.delete(f"{path}/{ckpt.COMPLETE}")  # first: a half-deleted checkpoint never counts
+        for obj in self.storage.list(f"{path}/"):
+            self.storage.delete(obj.name)
+        if isinstance(self.storage, LocalStorage):
+            shutil.rmtree(self.storage.root / path, ignore_errors=True)
+
+    # ---- records ---------------------------------------------------------------------------------
+
+    def attempt_record(self) -> dict:
+        """What this start resumed from and what it skipped, for ``attempts/NNNN.json``."""
+        if self.resumed is None:
+            return {}
+        skipped = [{"checkpoint": name, "reason": reason} for name, reason in self.resumed.skipped]
+        return {"resumed_from_checkpoint": self.resumed.name, "skipped_checkpoints": skipped}
+
     def begin_attempt(self, rank: int, resumed_from: int | None) -> int:
         """Record a start of the worker group; returns how many starts came before (rank 0 only)."""
         if rank != 0:
             return 0
         previous = len(self.storage.list("attempts/"))
-        self._write_json(f"attempts/{previous:04d}.json", {"started": time.time(), "resumed_from_step": resumed_from})
+        self._write_json(f"attempts/{previous:04d}.json", {"started": time.time(), "resumed_from_step": resumed_from,
+                                                            **self.attempt_record()})
         return previous
 
     def first_start(self) -> float:
@@ -58,11 +282,14 @@ class RunStore:
 
     def write_best(self, model_state: dict, state: ckpt.TrainState, metrics: dict) -> None:
         self.storage.delete(f"best/{ckpt.COMPLETE}")  # the old best stops counting before it is replaced
-        with tempfile.TemporaryDirectory(prefix="alexray-best-") as tmp:
-            ckpt.save(tmp, 0, state, model_state, {})
+        tmp = self.scratch_dir("best")
+        try:
+            ckpt.save(tmp, 0, state, model_state, {}, world_size=1)  # rank 0's files only
             for name in ("model.pt", "optimizer.pt", "state.json", "rng-rank0.pt", ckpt.COMPLETE):
-                self.storage.put_file(f"best/{name}", Path(tmp) / name)  # complete.json goes last
+                self._put_durably(f"best/{name}", Path(tmp) / name)  # complete.json goes last
             self._write_json("best/metrics.json", metrics)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def write_summary(self, spec, state: ckpt.TrainState, weights: dict, attempt: int) -> dict:
         from .train import summary_of

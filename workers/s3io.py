@@ -4,20 +4,29 @@ WebDataset has no ``s3`` scheme of its own and the usual ``pipe:aws s3 cp`` leak
 breaks pipes. This reader streams one GET; when the connection drops part-way it issues a ranged
 GET starting at the byte where the stream broke, with exponential backoff, so a multi-hundred-MB
 shard survives a flaky network or a restarting server without being read again from the start.
+
+Errors that waiting cannot fix (refused or expired credentials, a deleted object or bucket) and
+outages that outlast the retries are raised at once as one-line ``StorageError``s naming the
+object: the loader fails the run on them rather than train on less data.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 import time
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen_schemes
 
+from data_prep.errors import StorageError
 from data_prep.storage import describe_s3_error, is_transient, make_s3_client
 
 _client = None
+RUN_AGAIN = "run again (training resumes from its last checkpoint)"
+_REFUSED_CODES = {"AccessDenied", "AllAccessDisabled", "ExpiredToken", "InvalidAccessKeyId", "InvalidToken",
+                  "SignatureDoesNotMatch", "TokenRefreshRequired", "AccountProblem"}
 
 
 def _shared_client():
@@ -42,6 +51,31 @@ def _is_dropped_connection(exc: BaseException) -> bool:
     return name in ("IncompleteRead", "IncompleteReadError", "ProtocolError", "ReadTimeoutError",
                     "ResponseStreamingError") or isinstance(
         exc, (ConnectionError, TimeoutError))
+
+
+def read_error(exc: BaseException, url: str, attempts: int | None = None) -> StorageError:
+    """One line saying why ``url`` cannot be read and what to do; ``attempts``: a transient error
+    that was still there after that many tries."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return StorageError(f"bucket {urlparse(url).netloc!r} of {url} no longer exists (NoSuchBucket): "
+                                f"restore the bucket and its dataset, then {RUN_AGAIN}")
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            return StorageError(f"{url} no longer exists ({code or status}): the dataset changed during the run; "
+                                f"restore it (alexray shard verify checks a dataset), then {RUN_AGAIN}")
+        if code in _REFUSED_CODES or status == 403:
+            return StorageError(f"S3 refused to read {url} ({code or status}): the credentials expired, were "
+                                "revoked or may not read this bucket; renew them (AWS_ACCESS_KEY_ID/"
+                                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the node's role), then {RUN_AGAIN}")
+    if attempts is not None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "S3"
+        return StorageError(f"cannot read {url}: {endpoint} still failed after {attempts} attempts "
+                            f"({type(exc).__name__}); check that it is up and reachable, then {RUN_AGAIN}")
+    return describe_s3_error(exc, url)
 
 
 class ResumableS3Reader(io.RawIOBase):
@@ -92,9 +126,11 @@ class ResumableS3Reader(io.RawIOBase):
                 return len(data)
             except Exception as exc:  # noqa: BLE001 - classified below
                 self._drop()
-                if attempt == self.attempts or not _is_dropped_connection(exc):
-                    if type(exc).__module__.startswith("botocore"):
-                        raise describe_s3_error(exc, f"s3://{self.bucket}/{self.key}") from exc
+                dropped = _is_dropped_connection(exc)
+                if not dropped or attempt == self.attempts:
+                    if dropped or type(exc).__module__.startswith("botocore"):
+                        raise read_error(exc, f"s3://{self.bucket}/{self.key}",
+                                         self.attempts if dropped else None) from exc
                     raise
                 delay = min(8.0, self.base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
                 time.sleep(delay)

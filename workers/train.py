@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import JobSpec, spec_from_dict
+from .config import check_resumed_identity
 from .config import run_identity as identity
-from .data import eval_batches, load_manifest, split_info, train_batches
+from .data import eval_batches, load_manifest, split_info, too_many_skipped, train_batches
 from .finetune import load_backbone, param_groups
 from .metrics import worker_metrics
 from .models import build_model, class_probabilities
@@ -41,8 +40,10 @@ class Session:
     world_size = 1
     device = torch.device("cpu")
 
-    def latest_checkpoint(self):
-        """A context manager yielding a local checkpoint directory, or None."""
+    checkpoint_prefix = ""  # where this session's checkpoints lie in the run directory
+
+    def latest_checkpoint(self) -> str | None:
+        """The name of the newest checkpoint a resume may start from (older ones lie beside it), or None."""
         raise NotImplementedError
 
     def save_checkpoint(self, directory: str, name: str, metrics: dict, async_upload: bool) -> None:
@@ -64,8 +65,8 @@ class RaySession(Session):
         self.device = ray.train.torch.get_device()
 
     def latest_checkpoint(self):
-        checkpoint = self.train.get_checkpoint()
-        return checkpoint.as_directory() if checkpoint else None
+        checkpoint = self.train.get_checkpoint()  # the newest Ray registered
+        return Path(checkpoint.path).name if checkpoint else None
 
     def save_checkpoint(self, directory, name, metrics, async_upload):
         from ray.train import CheckpointUploadMode
@@ -81,31 +82,20 @@ class RaySession(Session):
 
 
 class LocalSession(Session):
-    """One process, no Ray: checkpoints go to ``{run_dir}/checkpoints/{name}`` (local run dirs only)."""
+    """One process, no Ray: checkpoints go to ``{run_dir}/checkpoints/{name}`` (local or s3:// run dirs)."""
+
+    checkpoint_prefix = "checkpoints/"
 
     def __init__(self, run_dir: str, keep: int):
-        self.root, self.keep = Path(run_dir) / "checkpoints", keep
+        self.store, self.keep = RunStore(run_dir), keep
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def latest_checkpoint(self):
-        from contextlib import nullcontext
-
-        for candidate in sorted(self.root.glob("checkpoint_*"), reverse=True):
-            try:
-                ckpt.check_complete(candidate)
-            except ckpt.CheckpointError as e:
-                log.warning("skipping %s", e)
-                continue
-            return nullcontext(str(candidate))
-        return None
+        names = self.store.checkpoint_names(self.checkpoint_prefix)
+        return names[0] if names else None
 
     def save_checkpoint(self, directory, name, metrics, async_upload):
-        self.root.mkdir(parents=True, exist_ok=True)
-        target = self.root / name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(directory, target)
-        for old in sorted(self.root.glob("checkpoint_*"))[:-self.keep]:  # keep the newest, as Ray does
-            shutil.rmtree(old, ignore_errors=True)
+        self.store.publish_checkpoint(directory, self.checkpoint_prefix + name, self.keep)  # keeps the newest, as Ray
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------------
@@ -192,6 +182,9 @@ def evaluate(model, spec: JobSpec, split, session: Session, use_bf16: bool, chan
         correct5 += (top5 == labels[:, None]).any(1).sum().item()
         total += len(labels)
     c1, c5, n, s = _all_reduce([correct1, correct5, total, skipped], session.device)
+    if s > spec.data.max_skipped_fraction * split.samples:  # every rank sees the same sums: all stop together
+        raise too_many_skipped(f"{int(s)} of the {split.samples} samples of the val split",
+                               spec.data.max_skipped_fraction, spec.data.path)
     model.train()
     return {"val_top1": c1 / n if n else 0.0, "val_top5": c5 / n if n else 0.0, "val_samples": int(n),
             "val_skipped": int(s)}
@@ -209,8 +202,8 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and on_gpu)
 
     manifest = load_manifest(d.path)
-    train_split = split_info(d.path, manifest, d.train_split)
-    val_split = split_info(d.path, manifest, d.val_split) if d.val_split else None
+    train_split = split_info(d.path, manifest, d.train_split, d.verify_shards)
+    val_split = split_info(d.path, manifest, d.val_split, d.verify_shards) if d.val_split else None
     num_classes = spec.model.num_classes or train_split.num_classes
     if num_classes != train_split.num_classes:
         raise ValueError(f"model.num_classes: {num_classes} but the dataset has {train_split.num_classes} classes")
@@ -228,13 +221,13 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
                                    "kwargs": model_kwargs(spec), "classes": list(train_split.class_names),
                                    "image_size": d.image_size, "eval_resize": d.eval_resize})
 
-    restored = session.latest_checkpoint()
+    # the newest checkpoint every rank can use, skipping damaged ones (and clearing killed workers' scratch)
+    restored = store.resume_point(session.latest_checkpoint(), session.checkpoint_prefix, rank, world,
+                                  lambda values: _all_reduce(values, session.device))
     if restored is not None:
         with restored as directory:
             state = ckpt.load_state(directory)
-            if state.identity != identity(spec):
-                raise ValueError(f"run.name: this run's checkpoint was made with {state.identity}, the spec says "
-                                 f"{identity(spec)}; use a new run.name for a different job")
+            check_resumed_identity(state.identity, spec)
             model.load_state_dict(ckpt.load_tensors(directory, "model.pt", session.device))
             optimizer.load_state_dict(ckpt.load_tensors(directory, "optimizer.pt", session.device))
             schedule.load_state_dict(state.schedule)
@@ -275,8 +268,8 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         ``now``: write, upload and report before returning (a node is about to go)."""
         state.schedule = schedule.state_dict()
         state.metrics = metrics
-        directory = tempfile.mkdtemp(prefix="alexray-ckpt-")
-        name = f"checkpoint_e{state.epoch:04d}_s{state.global_step:09d}"
+        directory = store.scratch_dir("ckpt")  # the run's own scratch: a killed worker's is cleared at the next start
+        name = store.checkpoint_name(state.epoch, state.global_step, attempt)
         report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
         writer.start(directory, rank, state, model.state_dict() if rank == 0 else None,
                      optimizer.state_dict() if rank == 0 else None,
@@ -285,98 +278,119 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
         if now:
             writer.finish()
 
-    finished, preempted = False, False
-    for epoch in range(state.epoch, t.epochs):
-        plan = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
-        start_step = state.step_in_epoch if epoch == state.epoch else 0
-        state.epoch, state.step_in_epoch = epoch, start_step
-        window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
-        sample_log: list[dict] = []
-        for batch in meter.timed(train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
-                                               d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area)):
-            lr = schedule.lr(epoch, batch.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
-            images = batch.images.to(session.device, non_blocking=True)
-            labels = batch.labels.to(session.device, non_blocking=True)
-            x = to_model_input(images, batch.alphas if d.lighting_std > 0 else None, channels_last)
-            with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(train_model(x), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # Publish the last checkpoint once every rank has written it; ranks agree on the step,
-            # since Ray's report is a barrier. Training never waits for a write in progress.
-            if writer.busy and _all_reduce([float(writer.written)], session.device)[0] == world:
-                writer.finish()
-            optimizer.step()
+    try:
+        finished, preempted = False, False
+        for epoch in range(state.epoch, t.epochs):
+            plan = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
+            start_step = state.step_in_epoch if epoch == state.epoch else 0
+            state.epoch, state.step_in_epoch = epoch, start_step
+            window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
+            sample_log: list[dict] = []
+            rank_samples, loss_value = plan.steps * (t.global_batch_size // world), math.nan
+            for batch in meter.timed(train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
+                                                   d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area)):
+                # Ranks decide together whether to step and whether to stop (one small all-reduce per
+                # step): a rank that skipped alone would leave the others waiting in DDP's all-reduce.
+                skipped += batch.skipped
+                over_limit = skipped > d.max_skipped_fraction * rank_samples
+                found = [len(batch.labels)] + [skipped if r == rank and over_limit else 0 for r in range(world)]
+                found = _all_reduce(found, session.device) if world > 1 else found
+                over = [r for r in range(world) if found[1 + r]]
+                if over:
+                    who = f"rank {over[0]} reads" if len(over) == 1 else f"ranks {', '.join(map(str, over))} read"
+                    raise too_many_skipped(f"at step {batch.step} of epoch {epoch}, {int(sum(found[1:]))} of the "
+                                           f"{rank_samples * len(over)} samples {who} in the epoch",
+                                           d.max_skipped_fraction, d.path)
+                lr = schedule.lr(epoch, batch.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
+                labels = batch.labels.to(session.device, non_blocking=True)
+                if found[0]:  # with no sample on any rank, no step: weight decay and momentum would still move
+                    images = batch.images.to(session.device, non_blocking=True)
+                    x = to_model_input(images, batch.alphas if d.lighting_std > 0 else None, channels_last)
+                    with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        logits = train_model(x)
+                        # an empty batch here still joins DDP's gradient all-reduce, with zeros rather than NaN
+                        loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                # Publish the last checkpoint once every rank has written it; ranks agree on the step,
+                # since Ray's report is a barrier. Training never waits for a write in progress.
+                if writer.busy and _all_reduce([float(writer.written)], session.device)[0] == world:
+                    writer.finish()
+                if found[0]:
+                    optimizer.step()
 
-            state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
-            state.samples_seen += t.global_batch_size
-            window_images += len(labels)
-            loss_value = loss.item()
-            loss_sum, loss_count, skipped = loss_sum + loss_value, loss_count + 1, skipped + batch.skipped
-            meter.trained(len(labels), loss_value, lr, epoch, state.global_step, batch.skipped)
-            if spec.debug.sample_log:
-                sample_log.append({"step": batch.step, "keys": batch.keys})
-            if spec.debug.step_delay:
-                time.sleep(spec.debug.step_delay)
+                state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
+                state.samples_seen += t.global_batch_size
+                window_images += len(labels)
+                if len(labels):
+                    loss_value = loss.item()
+                    loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                meter.trained(len(labels), loss_value, lr, epoch, state.global_step, batch.skipped)
+                if spec.debug.sample_log:
+                    sample_log.append({"step": batch.step, "keys": batch.keys})
+                if spec.debug.step_delay:
+                    time.sleep(spec.debug.step_delay)
 
-            at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
-            if state.global_step % t.log_every == 0 or at_end:
-                elapsed = time.perf_counter() - window_start
-                images_total, loss_total, loss_n = _all_reduce([window_images, loss_sum, loss_count], session.device)
-                metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
-                           "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
-                           "images_per_s": images_total / max(1e-9, elapsed), "attempt": attempt}
-                state.metrics = metrics
-                if rank == 0:
-                    store.write_progress(metrics)
-                window_start, window_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
-            every = spec.checkpoint.every_steps
-            if every and state.global_step % every == 0 and not at_end:
-                store.flush_sample_log(rank, world, epoch, sample_log, attempt)
-                sample_log = []
-                save_checkpoint(state.metrics)
-            check = spec.failure.preemption_check_steps
-            if check and state.global_step % check == 0 and not at_end and not preempted:
-                preempted = bool(session.preemption_notice())
-                if preempted:  # a spot reclaim or a drain: keep this step's work before the node goes
+                at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
+                if state.global_step % t.log_every == 0 or at_end:
+                    elapsed = time.perf_counter() - window_start
+                    images_total, loss_total, loss_n = _all_reduce([window_images, loss_sum, loss_count], session.device)
+                    metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
+                               "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
+                               "images_per_s": images_total / max(1e-9, elapsed), "attempt": attempt}
+                    state.metrics = metrics
                     if rank == 0:
-                        log.warning("a node of this run is being preempted: checkpointing at step %d now",
-                                    state.global_step)
+                        store.write_progress(metrics)
+                    window_start, window_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+                every = spec.checkpoint.every_steps
+                if every and state.global_step % every == 0 and not at_end:
                     store.flush_sample_log(rank, world, epoch, sample_log, attempt)
                     sample_log = []
-                    save_checkpoint(state.metrics, now=True)
-            if state.global_step == t.max_steps:
-                finished = True
-                break
-        store.flush_sample_log(rank, world, epoch, sample_log, attempt)
-        epoch_done = state.step_in_epoch == plan.steps
-        metrics = dict(state.metrics)
-        if epoch_done and val_split is not None:
-            metrics.update(evaluate(model, spec, val_split, session, use_bf16, channels_last))
-            meter.evaluated(metrics)
-            schedule.end_epoch(metrics["val_top1"])
-            if metrics["val_top1"] > state.best_top1:
-                state.best_top1 = metrics["val_top1"]
+                    save_checkpoint(state.metrics)
+                check = spec.failure.preemption_check_steps
+                if check and state.global_step % check == 0 and not at_end and not preempted:
+                    preempted = bool(session.preemption_notice())
+                    if preempted:  # a spot reclaim or a drain: keep this step's work before the node goes
+                        if rank == 0:
+                            log.warning("a node of this run is being preempted: checkpointing at step %d now",
+                                        state.global_step)
+                        store.flush_sample_log(rank, world, epoch, sample_log, attempt)
+                        sample_log = []
+                        save_checkpoint(state.metrics, now=True)
+                if state.global_step == t.max_steps:
+                    finished = True
+                    break
+            store.flush_sample_log(rank, world, epoch, sample_log, attempt)
+            epoch_done = state.step_in_epoch == plan.steps
+            metrics = dict(state.metrics)
+            if epoch_done and val_split is not None:
+                metrics.update(evaluate(model, spec, val_split, session, use_bf16, channels_last))
+                meter.evaluated(metrics)
+                schedule.end_epoch(metrics["val_top1"])
+                if metrics["val_top1"] > state.best_top1:
+                    state.best_top1 = metrics["val_top1"]
+                    if rank == 0:
+                        store.write_best(model.state_dict(), state, metrics)
+            if epoch_done:
+                skipped_total, = _all_reduce([skipped], session.device)
+                metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
+                                "corrupt_skipped": int(skipped_total)})
+                state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5",
+                                                                   "images_per_s", "epoch_samples_used",
+                                                                   "epoch_samples_dropped", "corrupt_skipped")})
+                state.epoch, state.step_in_epoch = epoch + 1, 0
                 if rank == 0:
-                    store.write_best(model.state_dict(), state, metrics)
-        if epoch_done:
-            skipped_total, = _all_reduce([skipped], session.device)
-            metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
-                            "corrupt_skipped": int(skipped_total)})
-            state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5",
-                                                               "images_per_s", "epoch_samples_used",
-                                                               "epoch_samples_dropped", "corrupt_skipped")})
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            if rank == 0:
-                log.warning("epoch %d: loss %.4f, val top-1 %s, %d samples used, %d dropped", epoch,
-                            metrics.get("loss", float("nan")), metrics.get("val_top1"), plan.used, plan.dropped)
-        save_checkpoint(metrics)
-        if finished:
-            break
+                    log.warning("epoch %d: loss %.4f, val top-1 %s, %d samples used, %d dropped", epoch,
+                                metrics.get("loss", float("nan")), metrics.get("val_top1"), plan.used, plan.dropped)
+            save_checkpoint(metrics)
+            if finished:
+                break
 
-    writer.finish()
+        writer.finish()
+    finally:
+        writer.abandon()  # a run failing mid-write: never leave the thread writing at exit
     meter.close()
     summary = None
     if rank == 0:

@@ -39,7 +39,11 @@ _MAX_PIXELS = 4 * 89_478_485
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the JPEG header, without decoding; falls back to a full decode."""
+    """(width, height) from the JPEG header, without decoding; falls back to a full decode.
+
+    A frame header of zero width or height (legal only with a DNL marker, which libjpeg cannot
+    read) makes the sample corrupt: every crop of it would be empty.
+    """
     i, n = 2, len(data)
     if data[:2] == b"\xff\xd8":
         while i + 9 < n:
@@ -51,15 +55,21 @@ def image_size(data: bytes) -> tuple[int, int]:
                 continue
             length = int.from_bytes(data[i + 2:i + 4], "big")
             if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+                width, height = int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+                if not width or not height:
+                    raise CorruptSample(f"JPEG frame header of {width}x{height} pixels")
+                return width, height
             i += 2 + length
     image = _imdecode(data, 1)
     return image.shape[1], image.shape[0]
 
 
 def _imdecode(data: bytes, reduce: int) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce])
-    if image is None:
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce])
+    except cv2.error as e:
+        raise CorruptSample(f"cannot decode image: {e}") from None
+    if image is None or not image.size:
         raise CorruptSample("cannot decode image")
     if reduce != 1:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # the reduced modes have no RGB variant
@@ -81,6 +91,8 @@ def _crop(image: np.ndarray, sx: float, sy: float, box, out_w: int, out_h: int) 
     x1 = max(x0 + 1, min(image.shape[1], int(round(box[2] * sx))))
     y1 = max(y0 + 1, min(image.shape[0], int(round(box[3] * sy))))
     region = image[y0:y1, x0:x1]
+    if not region.size:  # a header that disagrees with the pixels it decodes to
+        raise CorruptSample(f"empty crop of a {image.shape[1]}x{image.shape[0]} image")
     shrink = min((x1 - x0) / out_w, (y1 - y0) / out_h)
     interpolation = cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_LINEAR
     return cv2.resize(region, (out_w, out_h), interpolation=interpolation)
@@ -122,10 +134,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
 
 def train_image(data: bytes, size: int, rng: np.random.Generator, min_area: float = 0.08) -> np.ndarray:
     """Decode, RandomResizedCrop to ``size``, random horizontal flip: HWC uint8 RGB."""
-    try:
-        width, height = image_size(data)
-    except (IndexError, ValueError):
-        raise CorruptSample("unreadable image header") from None
+    width, height = image_size(data)
     box = random_resized_crop_box(width, height, rng, scale=(min_area, 1.0))
     scale = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
     decoded, sx, sy = _decoded(data, width, height, scale)

@@ -16,7 +16,12 @@ start() {
   if running; then echo "prometheus already running (pid $(cat "$pidfile"))"; return; fi
   # A broken configuration fails here, with promtool's message, not later in the log.
   promtool check config "$config"
-  mkdir -p "$data" /tmp/alexray/prometheus-targets
+  mkdir -p "$data"
+  # Whoever can write the targets directory chooses what Prometheus scrapes: this user's, 0700.
+  install -d -m 0700 /tmp/alexray /tmp/alexray/prometheus-targets
+  if [[ $(stat -c %u /tmp/alexray/prometheus-targets) != "$(id -u)" ]]; then
+    echo "prometheus.sh: /tmp/alexray/prometheus-targets belongs to another user; remove it" >&2; exit 2
+  fi
   nohup prometheus --config.file="$config" --storage.tsdb.path="$data" \
     --storage.tsdb.retention.time=15d --web.listen-address=127.0.0.1:9090 >>"$log" 2>&1 &
   echo $! >"$pidfile"
