@@ -38,7 +38,7 @@ deps-chromium:
 system-deps: deps-prometheus deps-chromium
 
 test: install system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The tests that start no SeaweedFS, Ray, Prometheus or chromium and train only briefly (tests/conftest.py
 # marks the rest heavy).

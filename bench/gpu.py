@@ -288,7 +288,7 @@ def main(argv=None) -> int:
             run = {"batch": batch, "compile": compiled == "on", "path": path, "img_s": round(rate, 1),
                    "over_synthetic": round(rate / synthetic, 3) if synthetic else None,
                    "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None,
-                   "tflop_s": round(rate * flops / 1e12, 2), "mfu": round(rate * flops / peak, 3) if peak else None}
+                   "tflop_s": float(f"{rate * flops / 1e12:.3g}"), "mfu": round(rate * flops / peak, 3) if peak else None}
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             _save(results, args.json)  # a run cut short by a time limit keeps what it measured

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import uuid
 from pathlib import Path
 
@@ -59,6 +60,11 @@ _HEAVY_TESTS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and an
+    # ignored signal stays ignored across exec in every process the tests start: the Ctrl-C tests
+    # would see nothing. A handler here is reset to the default in those processes instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
     config.addinivalue_line("markers", "heavy(reason): starts SeaweedFS, Ray, Prometheus or chromium, or "
                                        "trains for tens of seconds; left out by 'make test-fast'")

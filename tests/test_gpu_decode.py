@@ -145,6 +145,7 @@ def _awkward_shard(path: Path, seed: int = 0, awkward: bool = True) -> tuple[Spl
         "text": b"notes about the dataset, not an image\n",
         "zero_height": bytes(zero_height),
         "badlabel": _jpeg(photo(5)),
+        "badclass": _jpeg(photo(8)),
         "nolabel": _jpeg(photo(6)),
         "nojpg": None,
     }
@@ -163,7 +164,7 @@ def _awkward_shard(path: Path, seed: int = 0, awkward: bool = True) -> tuple[Spl
             if data is not None:
                 add(f"{key}.jpg", data)
             if kind != "nolabel":
-                add(f"{key}.cls", b"x" if kind == "badlabel" else str(i % 3).encode())
+                add(f"{key}.cls", {"badlabel": b"x", "badclass": b"3"}.get(kind, str(i % 3).encode()))
     return SplitInfo((str(path),), (24,), 3), kinds
 
 
@@ -184,7 +185,7 @@ def test_awkward_samples_are_handled_as_on_the_cpu_path(tmp_path, device):
                 assert d < 6.0, (key, kinds[key], d)  # 64 px from 180x130: a 2-3x downscale
     kept = {kinds[k] for b in gpu for k in b.keys}
     assert kept == {"clean", "png", "cmyk", "gray", "progressive"}
-    assert sum(b.skipped for b in gpu) == 7  # truncated, corrupt, text, zero height, bad label, no label, no jpg
+    assert sum(b.skipped for b in gpu) == 8  # truncated, corrupt, text, zero height, 2 bad labels, no label, no jpg
 
 
 def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_opencv(tmp_path, monkeypatch):

@@ -299,15 +299,17 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(nodes, s3_digits, tmp_p
     nodes.ensure(2)
     spec = _spec(tmp_path, s3_digits, "elastic", train={"epochs": 2},
                  scaling={"num_workers": [1, 2], "resize_interval_s": 3}, checkpoint={"every_steps": 3},
-                 debug={"step_delay": 0.4})
+                 debug={"step_delay": 0.6})
     proc = _start_training(nodes, spec)
     _wait(lambda: len(nodes.node_of_training_workers()) == 2 and _progress(s3_server, "elastic").get("step", 0) >= 4,
           240, "two workers training", proc)
     nodes.lose(nodes.workers[1])
-    # It goes on alone: one worker, the same global batch, on the remaining node.
+    # It goes on alone: one worker, the same global batch, on the remaining node. The node comes
+    # back with most of the run still to go, so the grow is seen before the run ends even when
+    # the new node is slow to register on a loaded machine.
     _wait(lambda: len(nodes.node_of_training_workers()) == 1 and
           _progress(s3_server, "elastic").get("attempt", 0) >= 1 and
-          _progress(s3_server, "elastic").get("step", 0) >= 12, 240, "training with one worker", proc)
+          _progress(s3_server, "elastic").get("step", 0) >= 8, 240, "training with one worker", proc)
     nodes.add()
     _wait(lambda: len(nodes.node_of_training_workers()) == 2 and _progress(s3_server, "elastic").get("attempt", 0) >= 2,
           240, "the run to grow back to two workers", proc)

@@ -30,7 +30,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from .data import Batch, SplitInfo, ThreadedTrainLoader, eval_segments, read_segments
+from .data import Batch, SplitInfo, ThreadedTrainLoader, _skip, eval_segments, read_segments, sample_parts
 from .sampling import EpochPlan, RankSlice, rank_slices
 from .transforms import (_MAX_PIXELS, CorruptSample, _decode_region, eval_boxes, eval_image, lighting_alphas,
                          random_resized_crop_box, train_image)
@@ -247,11 +247,10 @@ class HeaderLoader(ThreadedTrainLoader):
             rng = np.random.default_rng((self.seed, self.plan.epoch, sl.stream, position))
             row = offset + j
             try:
-                if sample is None or "jpg" not in sample or "cls" not in sample:
-                    raise CorruptSample("missing")
-                self._draw(host, row, sample["jpg"], rng)
-                label = int(sample["cls"])
-            except _UNDECODABLE:
+                data, label = sample_parts(sample, self.split.num_classes)
+                self._draw(host, row, data, rng)
+            except _UNDECODABLE as e:
+                _skip(sample, e)
                 host.jpegs[row] = None
                 host.ready.pop(row, None)
                 skipped += 1
@@ -419,11 +418,9 @@ def eval_host_batches(split: SplitInfo, segments, image_size: int, resize: int, 
                       ten_crop: bool) -> Iterator[HostEvalBatch]:
     """The rank's evaluation samples in read order, with their crop boxes, ``batch_size`` at a time."""
     batch = HostEvalBatch([], [], [], [], 0)
-    for sample in read_segments(split.urls, segments):
+    for sample in read_segments(split.urls, segments, split.digests):
         try:
-            if sample is None or "jpg" not in sample or "cls" not in sample:
-                raise CorruptSample("missing")
-            data, label = sample["jpg"], int(sample["cls"])
+            data, label = sample_parts(sample, split.num_classes)
             header = jpeg_header(data)
             if header is None or not header.device_decodable:
                 batch.ready[len(batch.labels)] = eval_image(data, image_size, resize, ten_crop)
@@ -433,7 +430,8 @@ def eval_host_batches(split: SplitInfo, segments, image_size: int, resize: int, 
                 boxes = [_rounded(b, header.width, header.height)
                          for b in eval_boxes(header.width, header.height, image_size, resize, ten_crop)]
                 hw = (header.height, header.width)
-        except _UNDECODABLE:
+        except _UNDECODABLE as e:
+            _skip(sample, e)
             batch.skipped += 1
         else:
             batch.jpegs.append(data)
