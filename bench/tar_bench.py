@@ -92,6 +92,16 @@ def _read_webdataset(blob: bytes) -> int:
     return sum(len(item["data"]) for item in tar_file_iterator(io.BytesIO(blob)))
 
 
+def _compare(results, what: str, n: int, ours, *baselines) -> None:
+    """Time ``ours`` once and each (label, baseline) against it: a row "WHAT: ours vs LABEL"."""
+    ours_s = timed(ours, repeat=5)
+    for label, baseline in baselines:
+        with record(results, f"{what}: ours vs {label}", "> 1") as r:
+            base_s = timed(baseline, repeat=5)
+            r.update({f"{label.split()[0]}_members_s": round(n / base_s), "ours_members_s": round(n / ours_s),
+                      "ratio": round(base_s / ours_s, 2)})
+
+
 def run(results: list) -> None:
     for layout, what in (("jpg", f"{SAMPLES} members of 20-40 KB"),
                          ("shard", f"{SAMPLES} samples of .jpg (20-40 KB) + .cls + .json")):
@@ -103,22 +113,9 @@ def run(results: list) -> None:
         assert _read_ours(blob) == _read_tarfile(blob) == _read_webdataset(blob) == payload
         assert [m for m in iter_tar(io.BytesIO(_write_tarfile(members)))] == members
 
-        ours_s = timed(lambda: _read_ours(blob), repeat=5)
-        with record(results, f"tar read ({layout}): ours vs tarfile", "> 1") as r:
-            base_s = timed(lambda: _read_tarfile(blob), repeat=5)
-            r.update(tarfile_members_s=round(n / base_s), ours_members_s=round(n / ours_s),
-                     ratio=round(base_s / ours_s, 2))
-        with record(results, f"tar read ({layout}): ours vs webdataset tar_file_iterator", "> 1") as r:
-            base_s = timed(lambda: _read_webdataset(blob), repeat=5)
-            r.update(webdataset_members_s=round(n / base_s), ours_members_s=round(n / ours_s),
-                     ratio=round(base_s / ours_s, 2))
-
-        ours_s = timed(lambda: _write_ours(members), repeat=5)
-        with record(results, f"tar write ({layout}): ours vs tarfile", "> 1") as r:
-            base_s = timed(lambda: _write_tarfile(members), repeat=5)
-            r.update(tarfile_members_s=round(n / base_s), ours_members_s=round(n / ours_s),
-                     ratio=round(base_s / ours_s, 2))
-        with record(results, f"tar write ({layout}): ours vs webdataset TarWriter", "> 1") as r:
-            base_s = timed(lambda: _write_webdataset(members), repeat=5)
-            r.update(webdataset_members_s=round(n / base_s), ours_members_s=round(n / ours_s),
-                     ratio=round(base_s / ours_s, 2))
+        _compare(results, f"tar read ({layout})", n, lambda: _read_ours(blob),
+                 ("tarfile", lambda: _read_tarfile(blob)),
+                 ("webdataset tar_file_iterator", lambda: _read_webdataset(blob)))
+        _compare(results, f"tar write ({layout})", n, lambda: _write_ours(members),
+                 ("tarfile", lambda: _write_tarfile(members)),
+                 ("webdataset TarWriter", lambda: _write_webdataset(members)))
