@@ -3,14 +3,14 @@
 Counted in the parent process as each shard is finished (by a local worker or a Ray task), with
 the labels ``run`` (DEST's last path element) and ``split``. Shards kept from an interrupted run
 are not counted again. The endpoint is registered in the Prometheus targets directory like any
-process without Ray (``orchestrator.discovery``) and removed when sharding ends.
+process without Ray (``alexray_core.discovery``) and removed when sharding ends.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 
-from orchestrator import discovery
+from alexray_core import discovery
 
 disable_created_metrics()
 LABELS = ("run", "split")

@@ -67,9 +67,9 @@ def start_monitoring(base: Path, cluster):
 
 def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
     from . import jobs
-    from .discovery import TARGETS_ENV
+    from alexray_core.discovery import TARGETS_ENV
     from .follow import describe, follow
-    from .localcluster import interrupts_deferred, start_local_cluster, stop_local_cluster
+    from alexray_core.localcluster import interrupts_deferred, start_local_cluster, stop_local_cluster
 
     say("starting a local Ray cluster on 127.0.0.1 (token auth on)")
     started = time.monotonic()
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a spec field, e.g. --set train.epochs=2")
     args = parser.parse_args(argv)
     from .jobs import JobError
-    from .localcluster import ClusterStartError
+    from alexray_core.localcluster import ClusterStartError
 
     base = Path(args.dir).resolve()
     started = time.monotonic()

@@ -22,7 +22,7 @@ def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
 
     from data_prep.errors import ShardError
     from data_prep.storage import open_storage
-    from workers.config import planned_steps, spec_from_dict
+    from alexray_core.spec import planned_steps, spec_from_dict
 
     per_epoch = progress.get("steps_per_epoch")
     if not per_epoch:

@@ -316,7 +316,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     """
     import yaml
 
-    from workers.config import SpecError, load_spec, new_run_name, spec_from_dict
+    from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict
 
     from .preflight import preflight
 

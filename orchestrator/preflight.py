@@ -15,7 +15,7 @@ import json
 import re
 import zlib
 
-from workers.config import JobSpec
+from alexray_core.spec import JobSpec
 
 from .jobs import JobError, guard
 
@@ -75,7 +75,7 @@ def check_run_name(spec: JobSpec) -> dict | None:
 
     from data_prep.errors import ShardError
     from data_prep.storage import open_storage
-    from workers.config import SpecError, check_same_job
+    from alexray_core.spec import SpecError, check_same_job
 
     run_dir = f"{spec.run.storage.rstrip('/')}/{spec.run.name}"
     try:

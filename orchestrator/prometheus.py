@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from . import discovery
-from .localcluster import interrupts_deferred
+from alexray_core import discovery
+from alexray_core.localcluster import interrupts_deferred
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 URL_ENV = "ALEXRAY_PROMETHEUS_URL"

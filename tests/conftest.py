@@ -201,7 +201,7 @@ def ray_cluster(tmp_path_factory, s3_server):
     """
     import os
 
-    from orchestrator.localcluster import start_local_cluster, stop_local_cluster
+    from alexray_core.localcluster import start_local_cluster, stop_local_cluster
 
     home = tmp_path_factory.mktemp("ray-home")
     env = {**os.environ, **s3_server.env(), "HOME": str(home), "RAY_DEDUP_LOGS": "0"}

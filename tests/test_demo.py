@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.localcluster import processes_using
+from alexray_core.localcluster import processes_using
 
 ROOT = Path(__file__).resolve().parent.parent
 

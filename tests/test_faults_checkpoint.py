@@ -314,7 +314,7 @@ def test_no_ray_run_keeps_checkpoints_on_s3_and_resumes_from_them(digits, tmp_pa
     ("data.streams=4", "data.streams"),
 ])
 def test_resume_refuses_changes_to_data_order_or_weight_shapes(override, field):
-    from workers.config import SpecError, check_same_job, load_spec
+    from alexray_core.spec import SpecError, check_same_job, load_spec
 
     base = {"data": {"path": "/data/shards", "shuffle_block": 64, "image_size": 64, "eval_resize": 128},
             "model": {"init": "kaiming"}, "run": {"name": "r"}}
@@ -325,7 +325,7 @@ def test_resume_refuses_changes_to_data_order_or_weight_shapes(override, field):
 
 
 def test_init_and_groups_only_count_for_the_model_they_apply_to():
-    from workers.config import check_same_job, load_spec
+    from alexray_core.spec import check_same_job, load_spec
 
     base = {"data": {"path": "/data/shards"}, "model": {"name": "resnet18"}}
     check_same_job(load_spec(base).to_dict(), load_spec(base, ["model.init=kaiming", "model.groups=false"]))
@@ -333,7 +333,7 @@ def test_init_and_groups_only_count_for_the_model_they_apply_to():
 
 @pytest.mark.parametrize("seed", [-1, -(2 ** 40), 2 ** 32, 2 ** 70])
 def test_out_of_range_seeds_are_refused_at_spec_load(seed):
-    from workers.config import SpecError, load_spec
+    from alexray_core.spec import SpecError, load_spec
 
     with pytest.raises(SpecError, match=r"^train.seed: .*between 0 and 4294967295") as error:
         load_spec({"data": {"path": "/data/shards"}}, [f"train.seed={seed}"])
@@ -341,7 +341,7 @@ def test_out_of_range_seeds_are_refused_at_spec_load(seed):
 
 
 def test_edge_seeds_are_accepted():
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
 
     for seed in (0, 2 ** 32 - 1):
         assert load_spec({"data": {"path": "/data/shards"}}, [f"train.seed={seed}"]).train.seed == seed

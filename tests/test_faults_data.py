@@ -30,7 +30,7 @@ from tests.shardtools import error_line, run_alexray, start_alexray
 from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sharded_digits, write_spec
 from workers import s3io
-from workers.config import load_spec
+from alexray_core.spec import load_spec
 from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
 from workers.inference import EvalOptions, evaluate_part
 from workers.launch import prepare_run
@@ -390,7 +390,7 @@ class _Uncheckpointed(Session):
 def _train_ranks(rank: int, world: int, port: int, runs: list[tuple[dict, str]], results) -> None:
     import torch.distributed as dist
 
-    from workers.config import spec_from_dict
+    from alexray_core.spec import spec_from_dict
     from workers.train import train_loop
 
     session = _Uncheckpointed(rank, world)

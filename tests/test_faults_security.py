@@ -3,7 +3,7 @@ there, the dashboard's Host check, token auth on the cluster 'alexray train' sta
 per-user Prometheus targets directory and its token file, and Ctrl-C at each stage of a start.
 
 Processes are found in /proc by what they carry (a marker in their environment, a path in their
-command line), the way orchestrator.localcluster finds its own.
+command line), the way alexray_core.localcluster finds its own.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import discovery
+from alexray_core import discovery
 from orchestrator.jobs import JobError
-from orchestrator.localcluster import command_line, processes_using
+from alexray_core.localcluster import command_line, processes_using
 from orchestrator.monitor import start_dashboard
 from orchestrator.prometheus import PrometheusError, free_port, start_prometheus
 from tests.support.waiting import wait_until
 from tests.trainingtools import sharded_digits, write_spec
-from workers.config import SpecError, load_spec
+from alexray_core.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -335,7 +335,7 @@ def test_a_targets_directory_of_another_user_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_token_file_is_rewritten_private_whatever_its_old_mode(tmp_path):
-    from orchestrator.localcluster import write_token_file
+    from alexray_core.localcluster import write_token_file
 
     path = tmp_path / "ray" / "auth_token"
     path.parent.mkdir()

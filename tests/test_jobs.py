@@ -3,7 +3,7 @@
 The cluster is started once for the module with its dashboard on loopback, an isolated HOME that
 holds the cluster's token (``~/.ray/auth_token``) and ``RAY_AUTH_MODE=token``, and the test S3
 server's credentials in its environment. Teardown stops exactly this cluster's processes
-(``orchestrator.localcluster``), so other Ray clusters on the same machine survive.
+(``alexray_core.localcluster``), so other Ray clusters on the same machine survive.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import requests
 
 from orchestrator import jobs
 from orchestrator.jobs import JobError
-from orchestrator.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
+from alexray_core.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
 from tests.support.waiting import wait_until
 from tests.trainingtools import ray_train_pids, sharded_digits, write_spec
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import discovery
+from alexray_core import discovery
 from orchestrator.prometheus import Prometheus, PrometheusError, free_port, render_config, start_prometheus
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
@@ -133,7 +133,7 @@ def test_timed_splits_data_wait_from_step_time(worker):
 
 
 def test_metrics_off_gives_no_endpoint(monkeypatch):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
     from workers.metrics import NullMetrics, worker_metrics
 
     monkeypatch.setenv("ALEXRAY_METRICS", "0")
@@ -142,7 +142,7 @@ def test_metrics_off_gives_no_endpoint(monkeypatch):
 
 
 def test_a_process_without_ray_registers_and_removes_its_target(monkeypatch, tmp_path):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
     from workers.metrics import worker_metrics
 
     monkeypatch.setenv(discovery.TARGETS_ENV, str(tmp_path))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import discovery
-from orchestrator.localcluster import start_local_cluster, stop_local_cluster
+from alexray_core import discovery
+from alexray_core.localcluster import start_local_cluster, stop_local_cluster
 from orchestrator.prometheus import Prometheus, free_port, start_prometheus
 from tests.support.waiting import wait_until
 from tests.trainingtools import ray_train_pids, sharded_digits, write_spec

@@ -287,7 +287,7 @@ def test_finetuning_beats_training_from_scratch_and_resumes(pretrained, digits, 
 
 
 def test_frozen_features_stay_as_loaded(pretrained, digits, tmp_path, monkeypatch):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
     from workers.launch import prepare_run
     from workers.train import run_local
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.localcluster import LocalCluster, MARKER, command_line, stop_local_cluster
+from alexray_core.localcluster import LocalCluster, MARKER, command_line, stop_local_cluster
 from tests.shardtools import error_line, run_alexray
 from tests.support import datasets as ds
 from tests.support.waiting import wait_until

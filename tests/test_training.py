@@ -112,7 +112,7 @@ def test_incomplete_damaged_and_foreign_checkpoints_are_refused(tmp_path):
 
 
 def _schedule(**train):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
     from workers.train import LRSchedule
 
     spec = load_spec({"data": {"path": "x"}, "train": {"epochs": 10, **train}})
@@ -145,7 +145,7 @@ def test_plateau_divides_by_ten_and_resumes_its_state():
 
 @pytest.mark.parametrize("name", ["digits.yaml", "imagenet-alexnet.yaml"])
 def test_example_specs_are_valid(name):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
 
     spec = load_spec(ROOT / "examples" / name)
     assert spec.train.global_batch_size % spec.data.streams == 0
@@ -182,7 +182,7 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     ("finetune.from=x", "finetune.from: unknown key"),
 ])
 def test_spec_validation_names_the_field(override, message):
-    from workers.config import SpecError, load_spec
+    from alexray_core.spec import SpecError, load_spec
 
     with pytest.raises(SpecError) as error:
         load_spec({"data": {"path": "/data/shards"}}, [override])
@@ -190,7 +190,7 @@ def test_spec_validation_names_the_field(override, message):
 
 
 def test_spec_overrides_apply_after_the_file(tmp_path):
-    from workers.config import load_spec
+    from alexray_core.spec import load_spec
 
     path = tmp_path / "spec.yaml"
     path.write_text("data: {path: /data}\ntrain: {epochs: 5, lr: 0.02}\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.localcluster import LocalCluster, cluster_pids, command_line
+from alexray_core.localcluster import LocalCluster, cluster_pids, command_line
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 

@@ -22,7 +22,7 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
     import os
 
-    from .config import SpecError, load_spec
+    from alexray_core.spec import SpecError, load_spec
 
     args = train_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")

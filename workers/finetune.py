@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import JobSpec
+from alexray_core.spec import JobSpec
 from .inference import checkpoint_dir, describe, read_info
 from .models import classifier_head
 

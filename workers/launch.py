@@ -14,7 +14,7 @@ import shutil
 import sys
 from urllib.parse import urlparse
 
-from .config import JobSpec
+from alexray_core.spec import JobSpec
 from .runstore import RunStore
 
 log = logging.getLogger("alexray.launch")
@@ -58,7 +58,7 @@ def check_dataset(path: str) -> None:
 
 def prepare_run(spec: JobSpec) -> str:
     """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
-    from .config import check_same_job, new_run_name
+    from alexray_core.spec import check_same_job, new_run_name
 
     if not spec.data.path.startswith("s3://"):
         spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
@@ -77,7 +77,7 @@ def prepare_run(spec: JobSpec) -> str:
 
 def launch(spec: JobSpec, address: str | None = None) -> dict:
     """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it."""
-    from orchestrator.localcluster import LOOPBACK_ONLY
+    from alexray_core.localcluster import LOOPBACK_ONLY
 
     if not address and "ray" not in sys.modules:  # Ray reads the switch when it is imported
         for name, value in LOOPBACK_ONLY.items():
@@ -90,7 +90,7 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
         if address:
             ray.init(address=address, logging_level="ERROR")
         else:  # a new cluster for this job, reachable from this machine only, with a token of its own
-            from orchestrator.localcluster import use_private_token
+            from alexray_core.localcluster import use_private_token
 
             token_dir = use_private_token()
             try:
@@ -111,7 +111,7 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.discovery import TargetPublisher
+    from alexray_core.discovery import TargetPublisher
 
     from .train import train_func
 

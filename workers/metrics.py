@@ -5,7 +5,7 @@ grow: no sample keys, paths or step numbers in labels. Per step the loop pays a 
 additions (``timed``, ``trained``): no I/O, no Ray call. Values are read only when Prometheus
 scrapes, on the HTTP server's thread. GPU memory is read at scrape time too.
 
-How Prometheus finds the endpoint: ``orchestrator.discovery``. ``ALEXRAY_METRICS=0`` turns it off.
+How Prometheus finds the endpoint: ``alexray_core.discovery``. ``ALEXRAY_METRICS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from orchestrator import discovery
-from .config import planned_steps
+from alexray_core import discovery
+from alexray_core.spec import planned_steps
 
 log = logging.getLogger("alexray.metrics")
 disable_created_metrics()  # no *_created series: every name stays a documented one

@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
     from data_prep.errors import ShardError
 
-    from .config import SpecError
+    from alexray_core.spec import SpecError
 
     handler = {"evaluate": _evaluate, "predict": _predict, "finetune": _finetune, "export": _export}[command]
     try:
@@ -204,7 +204,7 @@ def _finetune(args, prog: str) -> int:
     from data_prep.storage import is_s3_url
 
     from .cli import main as train_main
-    from .config import load_spec
+    from alexray_core.spec import load_spec
     from .finetune import check_source
     from .inference import checkpoint_info
 

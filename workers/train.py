@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import JobSpec, spec_from_dict
-from .config import check_resumed_identity
-from .config import run_identity as identity
+from alexray_core.spec import JobSpec, spec_from_dict
+from alexray_core.spec import check_resumed_identity
+from alexray_core.spec import run_identity as identity
 from .data import eval_batches, load_manifest, split_info, too_many_skipped, train_batches
 from .finetune import load_backbone, param_groups
 from .metrics import worker_metrics
