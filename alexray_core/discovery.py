@@ -27,11 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import re
 import stat
 import threading
 import time
 from pathlib import Path
+
+from alexray_core.errors import AlexrayError
 
 log = logging.getLogger("alexray.metrics")
 
@@ -42,7 +45,7 @@ KV_NAMESPACE = "alexray_metrics"
 _LOCAL = re.compile(r"^local-.*-(\d+)\.json$")
 
 
-class TargetsDirError(ValueError):
+class TargetsDirError(AlexrayError):
     """The targets directory is not safe to use; the message names it and the fix, on one line."""
 
 
@@ -51,8 +54,6 @@ def targets_dir() -> Path:
 
 
 def _owner(uid: int) -> str:
-    import pwd
-
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:

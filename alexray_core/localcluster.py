@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alexray_core.errors import AlexrayError
+
 MARKER = "ALEXRAY_LOCAL_CLUSTER"
 # Ray's switch for a single-node cluster on loopback (its macOS default). Unset, Ray swaps
 # 127.0.0.1 for the machine's address and its GCS, raylet and agents listen on every interface;
@@ -31,7 +33,7 @@ MARKER = "ALEXRAY_LOCAL_CLUSTER"
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-class ClusterStartError(RuntimeError):
+class ClusterStartError(AlexrayError):
     """The local cluster did not come up; the message says why and what to do."""
 
 
@@ -48,9 +50,10 @@ class LocalCluster:
         return cluster_pids(self)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (another process may take it before it is bound again)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

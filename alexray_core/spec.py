@@ -8,18 +8,21 @@ no torch, so the orchestrator can validate a spec on a laptop without it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from alexray_core.errors import AlexrayError
 
-class SpecError(ValueError):
+
+class SpecError(AlexrayError):
     """A spec problem; the message starts with the dotted path of the bad field."""
 
 
@@ -36,7 +39,7 @@ class DataSpec:
     val_split: str | None = "val"  # split to evaluate on every epoch; None: no evaluation
     streams: int = 8  # fixed partitions of each epoch; must divide the global batch (world-size independent)
     shuffle_block: int = 1000  # samples shuffled together within a stream (memory: this many raw JPEGs)
-    num_workers: int = 2  # DataLoader processes per training worker
+    num_workers: int = 2  # decoding threads per training worker (1 at least); evaluation's DataLoader processes
     image_size: int = 224  # side of the square crops fed to the model
     min_crop_area: float = 0.08  # RandomResizedCrop's smallest crop, as a fraction of the image area
     eval_resize: int = 256  # short side before the centre crop at evaluation
@@ -52,7 +55,7 @@ class ModelSpec:
     width: float = 1.0  # channel multiplier for the AlexNets (0.25 for CPU tests and the demo)
     groups: bool = True  # the paper's 2-group convolutions in conv2/4/5 (alexnet only)
     dropout: float = 0.5  # dropout before FC6 and FC7 (alexnet, alexnet_tv)
-    init: str = "paper"  # alexnet weight init: paper (N(0, 0.01), biases 1) or kaiming
+    init: Literal["paper", "kaiming"] = "paper"  # alexnet weight init: paper (N(0, 0.01), biases 1) or kaiming
     num_classes: int | None = None  # None: the number of classes in the dataset's manifest
 
 
@@ -61,20 +64,20 @@ class TrainSpec:
     epochs: int = 90  # passes over the training split
     global_batch_size: int = 128  # samples per step over all workers; per-worker batch = this / workers
     lr: float = 0.01  # base learning rate
-    lr_scaling: str = "none"  # none, or linear: lr * global_batch_size / base_batch_size
+    lr_scaling: Literal["none", "linear"] = "none"  # none, or linear: lr * global_batch_size / base_batch_size
     base_batch_size: int = 128  # the batch size lr is given for, with lr_scaling: linear
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 penalty on the weights
-    schedule: str = "step"  # step (/10 every step_epochs), plateau (/10 when val top-1 stalls), cosine
+    schedule: Literal["step", "plateau", "cosine"] = "step"  # /10 every step_epochs, /10 when val top-1 stalls, cosine
     step_epochs: int = 30  # step schedule: epochs between divisions by 10
     plateau_patience: int = 2  # plateau schedule: epochs without improvement before dividing
-    warmup_epochs: float = 0.0  # linear warm-up from lr/10 (cosine and step)
+    warmup_epochs: float = 0.0  # linear warm-up from lr/10 over this many epochs, before any schedule
     seed: int = 0  # seed of the data order, augmentation and initialisation
     deterministic: bool = False  # deterministic kernels: bitwise-reproducible runs on CPU
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
-    channels_last: str = "auto"  # auto (on GPU), on or off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto (on GPU), on or off
     compile: bool = False  # torch.compile the model
-    grad_compression: str = "none"  # none or bf16: DDP gradient all-reduce in bfloat16
+    grad_compression: Literal["none", "bf16"] = "none"  # none or bf16: DDP gradient all-reduce in bfloat16
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
     log_every: int = 10  # report metrics every this many steps
 
@@ -90,7 +93,7 @@ class CheckpointSpec:
 class ScalingSpec:
     num_workers: int | list[int] = 2  # training workers, or [min, max] for an elastic run
     use_gpu: bool = False  # one GPU per worker
-    cpus_per_worker: float = 1.0  # CPUs reserved per worker (its DataLoader processes run beside it)
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per training worker, shared by its data.num_workers threads
     resize_interval_s: float = 60.0  # elastic runs: seconds between Ray's looks for room to grow the group
 
 
@@ -135,14 +138,6 @@ class JobSpec:
         return (n, n) if isinstance(n, int) else (n[0], n[1])
 
 
-_CHOICES = {
-    "train.lr_scaling": ("none", "linear"),
-    "train.schedule": ("step", "plateau", "cosine"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.channels_last": ("auto", "on", "off"),
-    "train.grad_compression": ("none", "bf16"),
-    "model.init": ("paper", "kaiming"),
-}
 MAX_SEED = 2 ** 32 - 1
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
 # Query parameters that carry a credential or a signature: presigned S3 and GCS URLs, Azure SAS
@@ -176,7 +171,12 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if len(errors) == 1:
             raise errors[0]
         raise SpecError(f"{path}: expected {' or '.join(_describe(c) for c in candidates)}, got {value!r}")
-    if get_origin(annotation) is list:
+    if origin is Literal:
+        if value not in args:
+            hint = " (YAML reads unquoted on/off/yes/no as true/false: quote it)" if isinstance(value, bool) else ""
+            raise SpecError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin is list:
         if not isinstance(value, list):
             raise SpecError(f"{path}: expected a list, got {value!r}")
         return [_coerce(f"{path}[{i}]", v, get_args(annotation)[0]) for i, v in enumerate(value)]
@@ -200,6 +200,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
 
 
 def _describe(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return f"one of {', '.join(map(str, get_args(annotation)))}"
     if get_origin(annotation) is list:
         return "a [min, max] list" if get_args(annotation)[0] is int else "a list"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
@@ -213,7 +215,9 @@ def _build(cls, data: dict, prefix: str):
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise SpecError(f"{where}: unknown key; known keys here: {', '.join(sorted(known))}")
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError(f"{where}: unknown key; {hint}known keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -304,11 +308,6 @@ def _check_path_components(spec: JobSpec) -> None:
 def validate(spec: JobSpec) -> JobSpec:
     """Refuse impossible values, naming the field."""
     _check_path_components(spec)
-    for path, allowed in _CHOICES.items():
-        section, name = path.split(".")
-        value = getattr(getattr(spec, section), name)
-        if value not in allowed:
-            raise SpecError(f"{path}: {value!r} is not one of {', '.join(allowed)}")
     t, d, s = spec.train, spec.data, spec.scaling
     positive = {"train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size,
                 "train.base_batch_size": t.base_batch_size, "train.step_epochs": t.step_epochs,

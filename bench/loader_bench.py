@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torchvision.transforms as T
 import webdataset as wds
 from torch.utils.data import DataLoader
@@ -104,4 +103,3 @@ def run(results: list) -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-    torch.set_num_threads(torch.get_num_threads())

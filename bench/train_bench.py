@@ -45,19 +45,24 @@ def _spec(tmp: Path, data: Path, name: str, every: int, **train) -> Path:
 def _train_seconds(spec: Path, attempt: int) -> float:
     """Seconds of the training loop (the run's wall_seconds: start-up excluded), one process, no Ray."""
     name = f"r{attempt}-{spec.stem}"
-    subprocess.run([sys.executable, "-m", "workers", "train", str(spec), "--set", f"run.name={name}"],
-                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-m", "workers", "train", str(spec), "--set", f"run.name={name}"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode:
+        raise RuntimeError(f"training {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads((spec.parent / "runs" / name / "summary.json").read_text())["wall_seconds"]
 
 
-def _paired_ratio(baseline: Path, variant: Path, pairs: int = 5) -> tuple[float, float, float]:
-    """Median seconds of each, runs interleaved so that drifts in machine load hit both alike."""
+def _paired_ratio(baseline: Path, variant: Path, pairs: int = 5) -> tuple[list[float], list[float]]:
+    """Seconds of every run of each, interleaved so that drifts in machine load hit both alike;
+    each pair is printed as it finishes, so the spread is seen, not only the medians."""
     times: dict[Path, list[float]] = {baseline: [], variant: []}
     for attempt in range(pairs):
         for spec in (baseline, variant) if attempt % 2 == 0 else (variant, baseline):
             times[spec].append(_train_seconds(spec, attempt))
-    base, var = statistics.median(times[baseline]), statistics.median(times[variant])
-    return base, var, base / var
+        base, var = times[baseline][-1], times[variant][-1]
+        print(f"    pair {attempt + 1}/{pairs}: {baseline.stem} {base:.2f} s, {variant.stem} {var:.2f} s, "
+              f"ratio {base / var:.3f}", flush=True)
+    return times[baseline], times[variant]
 
 
 def _recovery_seconds(tmp: Path, data: Path) -> float:
@@ -111,7 +116,10 @@ def run(results: list) -> None:
         tmp = Path(tmp)
         print(f"training benchmarks: narrow AlexNet (width 0.25) on digits at 64 px, batch 128 (the paper's), {STEPS} steps")
         with record(results, "training with a checkpoint every 20 steps vs none", ">= 0.95") as r:
-            none, every, ratio = _paired_ratio(_spec(tmp, data, "none", 0), _spec(tmp, data, "every20", 20))
-            r.update(no_checkpoint_s=round(none, 2), every_20_s=round(every, 2), ratio=round(ratio, 3))
+            nones, everys = _paired_ratio(_spec(tmp, data, "none", 0), _spec(tmp, data, "every20", 20))
+            none, every = statistics.median(nones), statistics.median(everys)
+            r.update(no_checkpoint_s=round(none, 2), every_20_s=round(every, 2), ratio=round(none / every, 3),
+                     pair_ratios=[round(a / b, 3) for a, b in zip(nones, everys)],
+                     no_checkpoint_runs_s=[round(t, 2) for t in nones], every_20_runs_s=[round(t, 2) for t in everys])
         with record(results, "recovery: SIGKILL of a worker to the first step after restart (Ray)", "< 30 s") as r:
             r.update(seconds=round(_recovery_seconds(tmp, data), 1))

@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ShardError
+from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, AlexrayError
+
+from .errors import ShardError
 from .executor import default_workers
 from .images import DEFAULT_MAX_PIXELS
 
@@ -113,7 +115,7 @@ def run_shard(argv: list[str]) -> int:
         try:
             url = metrics.serve(args.metrics_port)
         except OSError as e:
-            raise ValueError(f"--metrics-port {args.metrics_port}: cannot listen there ({e.strerror}); "
+            raise ShardError(f"--metrics-port {args.metrics_port}: cannot listen there ({e.strerror}); "
                              "pick another port or 0 for any free one") from None
         print(f"alexray shard: metrics on {url}", file=sys.stderr, flush=True)
     try:
@@ -146,12 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "verify":
             return run_verify(argv[1:])
         return run_shard(argv)
-    except ShardError as e:
+    except AlexrayError as e:
         print(f"alexray shard: error: {e}", file=sys.stderr)
         return e.exit_code
-    except ValueError as e:
-        print(f"alexray shard: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("alexray shard: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, AlexrayError
-
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "ShardError", "StorageError"]
+from alexray_core.errors import AlexrayError
 
 
 class ShardError(AlexrayError):

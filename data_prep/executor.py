@@ -130,7 +130,11 @@ class RayExecutor(Executor):
 
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except (ConnectionError, ValueError) as e:
+                raise ShardError(f"--ray {address}: no Ray cluster answers there ({str(e).splitlines()[0][:200]}); "
+                                 "start one with 'ray start --head' or pass the address it printed") from None
         # SPREAD: shard writing is bound by each node's disk and network, so use every node's.
         self._task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_ray_task)
         self.nodes: dict[str, int] = {}  # node id -> tasks it ran

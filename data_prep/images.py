@@ -17,14 +17,20 @@ libjpeg tolerates most damage inside the entropy-coded data anyway.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ShardError
+
 KEEP, CONVERT, RESIZE, REJECT = "keep", "convert", "resize", "reject"
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning level
-_HEAD_BYTES = 256 * 1024
+# JPEG headers end well within this (one APP segment holds at most 64 KB; larger ones fall back to
+# reading the whole file). Not more: a read buffer above malloc's 128 KB mmap threshold is mapped
+# and unmapped on every call, which cost more than the rest of the probe.
+_HEAD_BYTES = 64 * 1024
 _EOI = b"\xff\xd9"
 _ORIENTATION = 0x0112
 
@@ -42,13 +48,13 @@ class ImageOptions:
 
     def __post_init__(self):
         if self.check not in ("header", "decode"):
-            raise ValueError(f"check must be 'header' or 'decode', not {self.check!r}")
+            raise ShardError(f"check must be 'header' or 'decode', not {self.check!r}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, not {self.quality}")
+            raise ShardError(f"quality must be in 1..100, not {self.quality}")
         if self.resize_short_side is not None and self.resize_short_side < 8:
-            raise ValueError(f"resize_short_side must be at least 8, not {self.resize_short_side}")
+            raise ShardError(f"resize_short_side must be at least 8, not {self.resize_short_side}")
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, not {self.max_pixels}")
+            raise ShardError(f"max_pixels must be positive, not {self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -111,17 +117,22 @@ def _displayed_size(image: Image.Image, orientation: int) -> tuple[int, int]:
 
 def _read_for_probe(path: str) -> tuple[bytes, bytes, int]:
     """The file's head (enough for headers) and its last bytes, without reading it all."""
-    with open(path, "rb") as f:
-        head = f.read(_HEAD_BYTES)
-        size = f.seek(0, 2)
+    # Plain system calls: a Python file object costs more (fstat, ioctl, lseek, buffers) than the
+    # reads themselves. A directory opens, and its read raises IsADirectoryError.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, _HEAD_BYTES)
+        size = os.lseek(fd, 0, os.SEEK_END)
         if size <= len(head):
             return head, head[-16:], size
-        f.seek(max(0, size - 16))
-        return head, f.read(16), size
+        return head, os.pread(fd, 16, max(0, size - 16)), size
+    finally:
+        os.close(fd)
 
 
-def _read_all(path: str) -> bytes:
-    with open(path, "rb") as f:
+def read_file(path: str) -> bytes:
+    """The whole file, read to its end; unbuffered, as a buffer would only add a copy."""
+    with open(path, "rb", buffering=0) as f:
         return f.read()
 
 
@@ -142,7 +153,7 @@ def probe_image(path: str, options: ImageOptions) -> Probe:
         except RejectedImage:
             if size <= len(head):
                 raise
-            data = _read_all(path)  # headers larger than the head we read (huge EXIF/ICC blocks)
+            data = read_file(path)  # headers larger than the head we read (huge EXIF/ICC blocks)
             image = open_image(data, options.max_pixels)
         orientation = _orientation(image)
         width, height = _displayed_size(image, orientation)
@@ -150,7 +161,12 @@ def probe_image(path: str, options: ImageOptions) -> Probe:
                       and tail.rstrip(b"\x00").endswith(_EOI))
         if not clean_jpeg or options.check == "decode":
             if len(data) < size:
-                data = _read_all(path)
+                data = read_file(path)
+                if not clean_jpeg:
+                    # Other formats may keep what counts past the head (a PNG's EXIF after its pixels).
+                    whole = open_image(data, options.max_pixels)
+                    orientation = _orientation(whole)
+                    width, height = _displayed_size(whole, orientation)
             image = open_image(data, options.max_pixels)
             decode_image(image)
     except RejectedImage as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 
 from .errors import ShardError
+from .storage import open_storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "alexray-shards"
@@ -82,3 +83,30 @@ def parse_manifest(data: bytes, where: str) -> dict:
 
 def dumps(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def check_dataset(path: str, train_split: str, val_split: str | None, num_classes: int | None) -> dict:
+    """The manifest at ``path`` (a job's ``data.path``), checked against what a training job asks of
+    it: the splits have samples and the class count matches. Raises ShardError naming the spec field."""
+    try:
+        storage = open_storage(path)
+        storage.check_reachable()
+        if not storage.exists(MANIFEST_NAME):
+            raise ShardError(f"no {MANIFEST_NAME} in {path}; shard a dataset there with 'alexray shard SRC {path}' "
+                             "or fix the path")
+        manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
+    except ShardError as e:
+        raise ShardError(f"data.path: {e}", 2) from None
+    splits = manifest.get("splits") or {}
+    for field, split in (("data.train_split", train_split), ("data.val_split", val_split)):
+        if split is None:
+            continue
+        if split not in splits or not splits[split].get("samples"):
+            have = ", ".join(sorted(s for s in splits if splits[s].get("samples"))) or "none"
+            raise ShardError(f"{field}: the dataset at {path} has no samples in split {split!r} (splits: {have}); "
+                             f"set {field} to one of them" + (" or null" if field == "data.val_split" else ""), 2)
+    classes = manifest.get("num_classes", len(manifest.get("classes") or []))
+    if num_classes is not None and num_classes != classes:
+        raise ShardError(f"model.num_classes: {num_classes} does not match the {classes} classes of the dataset at "
+                         f"{path}; set it to {classes} or leave it unset", 2)
+    return manifest

@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EXIT_FAILED, ShardError
+from alexray_core.errors import EXIT_FAILED
+
+from .errors import ShardError
 from .executor import Progress, RayExecutor, default_workers, make_executor
 from .images import REJECT, ImageOptions, probe_image
 from .lease import LEASE_NAME, Lease
@@ -66,16 +68,16 @@ class ShardConfig:
 
     def __post_init__(self):
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be at least 1, not {self.shard_size}")
+            raise ShardError(f"shard_size must be at least 1, not {self.shard_size}")
         if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
-            raise ValueError(f"max_shard_bytes must be at least 1024, not {self.max_shard_bytes}")
+            raise ShardError(f"max_shard_bytes must be at least 1024, not {self.max_shard_bytes}")
         if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, not {self.workers}")
+            raise ShardError(f"workers must be at least 1, not {self.workers}")
         if not 0 <= self.max_reject_fraction <= 1:
-            raise ValueError(f"max_reject_fraction must be in [0, 1], not {self.max_reject_fraction}")
+            raise ShardError(f"max_reject_fraction must be in [0, 1], not {self.max_reject_fraction}")
         for split in self.splits or ():
             if not _SPLIT_RE.match(split):
-                raise ValueError(f"splits: {split!r} cannot name shards; use a split folder named with letters, "
+                raise ShardError(f"splits: {split!r} cannot name shards; use a split folder named with letters, "
                                  "digits, '_', '-' and '.'")
         self.image_options()  # validates the image fields
 

@@ -12,15 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from .errors import StorageError
-from .storage import (ObjectInfo, Storage, _unwrap_upload_error, describe_s3_error, is_transient, make_s3_client,
-                      retry_transient, split_s3_url)
+from .storage import (ObjectInfo, Storage, _unwrap_upload_error, backoff_delay, describe_s3_error, is_transient,
+                      make_s3_client, retry_transient, split_s3_url)
 
 T = TypeVar("T")
 log = logging.getLogger("alexray.storage")
@@ -167,7 +166,7 @@ class S3Storage(Storage):
                 failed_at = offset
                 if failures >= attempts:
                     raise describe_s3_error(exc, self.url) from exc
-                delay = min(8.0, 0.5 * 2 ** (failures - 1)) * (0.5 + random.random() / 2)
+                delay = backoff_delay(failures)
                 log.warning("reading %s broke at byte %d of %d (%s); resuming in %.1f s", name, offset, total, exc, delay)
                 time.sleep(delay)
             finally:

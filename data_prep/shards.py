@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, RejectedImage, prepare_image, resized_size
+from .images import (CONVERT, KEEP, RESIZE, ImageOptions, Probe, RejectedImage, prepare_image, read_file,
+                     resized_size)
 from .lease import check_holder
 from .sources import Reject
 from .storage import Storage
@@ -136,12 +137,22 @@ class _HashingWriter(io.RawIOBase):
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar's default record size: archives are padded to a multiple of it
+_ZEROS = bytes(_BLOCK)
+
+
+# The fixed fields of every header (mode 0444, uid/gid 0, mtime 0, regular file, ustar magic); the
+# checksum is computed with its own field as eight spaces.
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_MTIME = b"00000000000\0"
+_TYPE_TO_MAGIC = b"0" + bytes(100) + b"ustar\x0000" + bytes(80)  # typeflag, linkname, magic, owner names, devices
+_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + 8 * ord(" ") + sum(_TYPE_TO_MAGIC)
+_SMALL = 4096  # members up to this size are joined with their neighbours into one write
 
 
 def _tar_header(name: str, size: int) -> bytes:
     """A POSIX ustar header with fixed metadata (mtime 0, root, read-only): the same inputs give
-    byte-identical shards. Written by hand: tarfile's generic header code costs more than copying
-    a typical JPEG."""
+    byte-identical shards. Written by hand, from pieces fixed in advance: tarfile's generic header
+    code costs more than copying a typical JPEG."""
     encoded = name.encode("utf-8")
     prefix = b""
     if len(encoded) > 100:  # ustar splits long paths at a slash into prefix (155) + name (100)
@@ -149,38 +160,41 @@ def _tar_header(name: str, size: int) -> bytes:
         if cut <= 0 or len(encoded) - cut - 1 > 100:
             raise ValueError(f"tar member name too long for ustar: {name!r}")
         prefix, encoded = encoded[:cut], encoded[cut + 1:]
-    header = bytearray(_BLOCK)
-    header[0:len(encoded)] = encoded
-    header[100:108] = b"0000444\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b" " * 8
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[345:345 + len(prefix)] = prefix
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = _FIXED_SUM + sum(encoded) + sum(size_field) + sum(prefix)
+    return b"".join((encoded.ljust(100, b"\0"), _MODE_IDS, size_field, _MTIME, b"%06o\0 " % checksum,
+                     _TYPE_TO_MAGIC, prefix.ljust(155, b"\0"), bytes(12)))
 
 
 class TarShardWriter:
-    """Append regular files to a tar stream; ``close`` writes the end-of-archive blocks."""
+    """Append regular files to a tar stream; ``close`` writes the end-of-archive blocks.
+
+    Headers, padding and small members are gathered and handed to the sink in one write, before
+    the next large member or at ``close``: a shard sample is then two writes instead of nine.
+    """
 
     def __init__(self, sink):
         self.sink, self.offset = sink, 0
+        self.pending: list[bytes] = []
 
     def add(self, name: str, data: bytes) -> None:
         padding = -len(data) % _BLOCK
-        self.sink.write(_tar_header(name, len(data)))
-        self.sink.write(data)
+        self.pending.append(_tar_header(name, len(data)))
+        if len(data) <= _SMALL:
+            self.pending.append(data)
+        else:
+            self.sink.write(b"".join(self.pending))
+            self.sink.write(data)
+            self.pending.clear()
         if padding:
-            self.sink.write(b"\0" * padding)
+            self.pending.append(_ZEROS[:padding])
         self.offset += _BLOCK + len(data) + padding
 
     def close(self) -> None:
         end = self.offset + 2 * _BLOCK
-        self.sink.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
+        self.pending.append(bytes(2 * _BLOCK + (-end % _RECORD)))
+        self.sink.write(b"".join(self.pending))
+        self.pending.clear()
 
 
 def write_shard(plan: ShardPlan, src_root: str, storage: Storage, options: ImageOptions, fingerprint: str,
@@ -238,8 +252,7 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
             for sample in plan.samples:
                 nbytes = 0
                 try:
-                    with open(os.path.join(src_root, sample.relpath), "rb") as f:
-                        data = f.read()
+                    data = read_file(os.path.join(src_root, sample.relpath))
                     nbytes = len(data)
                     jpeg, width, height = prepare_image(data, sample.probe(), options)
                 except (RejectedImage, OSError) as e:
@@ -254,9 +267,9 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
                     written += 1
                 if on_sample is not None:
                     on_sample(nbytes)
+            # No fsync here: publishing fsyncs a local shard before renaming it into place, on the
+            # publisher's thread, so this worker goes on to its next shard; a staged upload needs none.
             tar.close()
-            raw.flush()
-            os.fsync(raw.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -410,6 +410,12 @@ def _unwrap_upload_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def backoff_delay(attempt: int, base_delay: float = 0.5, max_delay: float = 8.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (1, 2, ...): doubling from ``base_delay`` up
+    to ``max_delay``, with jitter so that many readers failing together do not retry together."""
+    return min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+
 def retry_transient(fn: Callable[[], T], *, what: str, attempts: int | None = None,
                     base_delay: float = 0.5, max_delay: float = 8.0) -> T:
     """Call ``fn``; on a transient error wait (exponential backoff, jitter) and try again.
@@ -424,7 +430,7 @@ def retry_transient(fn: Callable[[], T], *, what: str, attempts: int | None = No
         except Exception as exc:  # noqa: BLE001 - classified below
             if attempt == attempts or not is_transient(exc):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            delay = backoff_delay(attempt, base_delay, max_delay)
             log.warning("%s failed (%s); retrying in %.1f s (attempt %d of %d)", what, exc, delay, attempt, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")

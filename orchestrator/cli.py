@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from alexray_core.errors import EXIT_USAGE, AlexrayError
+
 USAGE = """usage: alexray COMMAND [ARGS]
 
 commands:
@@ -34,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+        return 0 if argv else EXIT_USAGE
+    try:
+        return _run(argv[0], argv)
+    except AlexrayError as e:  # a command that does not report its own still gives one line and its exit code
+        print(f"alexray {argv[0]}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _run(command: str, argv: list[str]) -> int:
+    rest = argv[1:]
     if command == "shard":
         from data_prep.cli import main as shard_main
 
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return model_main(argv)
     print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import argparse
 import json
 import sys
 
-from .jobs import JobError
+from alexray_core.errors import AlexrayError
+
+from .rayclient import JobError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
         else:
             for job in jobs.list_jobs(args.address, insecure=args.insecure, all_jobs=args.all):
                 print(f"{job['job_id']}\t{job['status']}\t{job['run_name'] or ''}")
-    except JobError as e:
+    except AlexrayError as e:
         print(f"alexray {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0

@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set train.epochs=2")
     args = parser.parse_args(argv)
-    from .jobs import JobError
-    from alexray_core.localcluster import ClusterStartError
+    from alexray_core.errors import AlexrayError
 
     base = Path(args.dir).resolve()
     started = time.monotonic()
@@ -148,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         shards = prepare_data(base)
         say(f"data ready in {time.monotonic() - started:.1f} s")
         code = run_job(base, shards, Path(args.spec), args.overrides)
-    except (JobError, ClusterStartError) as e:
+    except AlexrayError as e:
         print(f"demo: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        return e.exit_code
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -12,26 +12,27 @@ import sys
 import time
 from typing import IO
 
-from . import jobs
-from .jobs import JobError
+from alexray_core import runs
+from alexray_core.errors import AlexrayError
+from alexray_core.spec import planned_steps, spec_from_dict
+from data_prep.storage import open_storage
+
+from . import jobs, rayclient
+from .rayclient import JobError
 
 
 def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
     """Steps the run will take, from its spec.json; None while that is not known."""
-    import json
-
-    from data_prep.errors import ShardError
-    from data_prep.storage import open_storage
-    from alexray_core.spec import planned_steps, spec_from_dict
-
     per_epoch = progress.get("steps_per_epoch")
     if not per_epoch:
         return None
+    run_dir = runs.run_dir(storage, run_name)
     try:
-        spec = spec_from_dict(json.loads(open_storage(f"{storage.rstrip('/')}/{run_name}").read_bytes("spec.json")))
-    except (ShardError, OSError, ValueError):  # SpecError is a ValueError
+        recorded = runs.RunFiles(run_dir, open_storage(run_dir)).spec()
+        spec = spec_from_dict(recorded) if recorded is not None else None
+    except (AlexrayError, OSError):  # unreadable storage, or a spec this version cannot read
         return None
-    return planned_steps(spec, per_epoch)
+    return planned_steps(spec, per_epoch) if spec is not None else None
 
 
 def describe(progress: dict) -> str:
@@ -58,7 +59,7 @@ def follow(address, job_id: str, *, insecure: bool = False, timeout: float | Non
     out = sys.stderr if out is None else out
     if bar is None:
         bar = hasattr(out, "isatty") and out.isatty()
-    job_client = jobs.client(address, insecure)
+    job_client = rayclient.client(address, insecure)
     deadline = None if timeout is None else time.monotonic() + timeout
     shown_state, last_line, last_epoch, progress_bar = None, 0.0, None, None
     try:

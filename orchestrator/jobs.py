@@ -3,23 +3,7 @@
 The Jobs API is served by the Ray dashboard over HTTP (``http://HEAD:8265``), so a laptop needs no
 Ray driver connection, no torch and no open GCS port to run a job on a cluster.
 
-**Addresses.** ``resolve_address`` takes the argument, then ``RAY_API_SERVER_ADDRESS`` (Ray's own
-variable for the Jobs API), then ``RAY_ADDRESS``, then ``http://127.0.0.1:8265``. A bare
-``host:port`` becomes ``http://host:port``, a bare host gets the dashboard port 8265, ``auto``
-means the local default. ``ray://`` client addresses and GCS ports (6379) are refused with the fix.
-
-**Security.** The Jobs API runs whatever command it is given, on every node's credentials.
-Clusters with port 8265 open were taken over in the wild (ShadowRay, CVE-2023-48022), and a Ray
-token travels in clear text over plain HTTP. So a plain ``http://`` address whose host is not
-loopback (127.0.0.0/8, ``localhost``, ``::1``) is refused before any connection is made, unless
-``insecure=True``: use an SSH tunnel (``ssh -L 8265:127.0.0.1:8265 HEAD``) or an https proxy.
-
-**Tokens.** Ray 2.52+ clusters started with ``RAY_AUTH_MODE=token`` (or, since 2.59, any ``ray
-start --head`` that finds a token) refuse requests without ``Authorization: Bearer TOKEN``. The
-token is read from ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
-``~/.ray/auth_token`` (Ray's own order) and passed to ``JobSubmissionClient(headers=...)``; Ray's
-client keeps a caller's ``Authorization`` header as given. No token is sent when none is found.
-Refusals (401: none sent, 403: wrong one) become a ``JobError`` naming ``RAY_AUTH_TOKEN``.
+**Addresses, tokens, security**: ``orchestrator.rayclient``.
 
 **How a run reaches the cluster.** ``submit`` validates the spec here, makes its local paths
 absolute, fixes ``run.name`` (so ``status`` knows the run directory before the job starts) and
@@ -43,15 +27,13 @@ Nothing secret goes into the job: specs carrying secrets are refused by ``load_s
 runtime_env holds no ``env_vars``, and the metadata holds only the run name and its storage
 (``alexray_run``, ``alexray_storage``). Nodes reach S3 through their own credential chain.
 
-Every function raises ``JobError`` (a ``ValueError``) with a one-line message naming the problem
+Every function raises ``JobError`` with a one-line message naming the problem
 and the fix; ``exit_code`` is 2 for bad input or environment, 1 for a job that ran and failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -60,205 +42,23 @@ import shlex
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import IO, Iterator
-from urllib.parse import urlsplit
+from typing import IO
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-DASHBOARD_PORT = 8265
+from alexray_core import runs
+from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict
+from data_prep.errors import ShardError
+from data_prep.storage import open_storage
+
+from .preflight import preflight
+from .rayclient import JobError, check_secure, client, client_address, client_of, guard_of, is_loopback, resolve_address
+
 SPEC_FILE = "job-spec.yaml"
 RUN_KEY = "alexray_run"
 STORAGE_KEY = "alexray_storage"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 PYTHON_ENV = "ALEXRAY_CLUSTER_PYTHON"  # the interpreter that runs the entrypoint on the cluster
-TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (print it with 'ray get-auth-token' on the head), "
-              "or point RAY_AUTH_TOKEN_PATH at a file holding it")
-
-
-class JobError(ValueError):
-    """A problem the user can fix; the message names it and the fix, on one line."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# --- addresses and security -------------------------------------------------------------------
-
-def resolve_address(address: str | None = None) -> str:
-    """The Jobs API (dashboard) URL: the argument, RAY_API_SERVER_ADDRESS, RAY_ADDRESS, the local default."""
-    source = "--address"
-    if not address:
-        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-            if os.environ.get(name, "").strip():
-                address, source = os.environ[name].strip(), name
-                break
-        else:
-            return DEFAULT_ADDRESS
-    address = address.strip()
-    if address in ("auto", "local"):
-        return DEFAULT_ADDRESS
-    if address.startswith("ray://"):
-        raise JobError(f"{source}: {address} is a Ray Client address; the Jobs API is the dashboard's HTTP "
-                       f"address: pass e.g. http://HEAD:{DASHBOARD_PORT}")
-    bare = "://" not in address
-    if bare:
-        address = f"http://{address}"
-    try:
-        parts = urlsplit(address)
-        port = parts.port
-    except ValueError as e:
-        raise JobError(f"{source}: {address!r} is not a valid address ({e}); pass http(s)://HOST:PORT") from None
-    if parts.scheme not in ("http", "https"):
-        raise JobError(f"{source}: unsupported scheme {parts.scheme!r} in {address}; "
-                       f"pass the dashboard address, http(s)://HOST:{DASHBOARD_PORT}")
-    if parts.username or parts.password:
-        raise JobError(f"{source}: the address carries credentials; remove them and give the cluster's token "
-                       "through RAY_AUTH_TOKEN")
-    if not parts.hostname:
-        raise JobError(f"{source}: {address!r} names no host; pass http(s)://HOST:{DASHBOARD_PORT}")
-    if port == 6379:
-        raise JobError(f"{source}: {address} looks like the cluster's GCS port (6379); the Jobs API listens on "
-                       f"the dashboard port: pass http://{parts.hostname}:{DASHBOARD_PORT}")
-    netloc = parts.netloc
-    if port is None and bare and not parts.path.strip("/"):
-        netloc = f"{netloc}:{DASHBOARD_PORT}"  # a bare host: the dashboard's default port
-    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
-
-
-def is_loopback(address: str) -> bool:
-    """True when the URL's host is a loopback address or ``localhost`` (no name is looked up)."""
-    host = (urlsplit(address).hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_secure(address: str, insecure: bool = False) -> None:
-    """Refuse plain HTTP to a host other than this one, before anything is sent."""
-    if insecure or urlsplit(address).scheme != "http" or is_loopback(address):
-        return
-    host = urlsplit(address).hostname
-    raise JobError(
-        f"refusing plain http:// to {address}: the Ray Jobs API runs arbitrary code and the token would travel "
-        f"in clear text (clusters with an open port {DASHBOARD_PORT} were taken over: ShadowRay, CVE-2023-48022); "
-        f"use an SSH tunnel (ssh -L {DASHBOARD_PORT}:127.0.0.1:{DASHBOARD_PORT} {host}, then "
-        f"--address http://127.0.0.1:{DASHBOARD_PORT}) or https://, or pass --insecure on a trusted network")
-
-
-def auth_token() -> tuple[str | None, str]:
-    """``(token, where it came from)``: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token, or None."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token, "RAY_AUTH_TOKEN"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
-    if path:
-        try:
-            token = Path(path).expanduser().read_text().strip()
-        except OSError as e:
-            raise JobError(f"RAY_AUTH_TOKEN_PATH: cannot read {path} ({e.strerror}); {TOKEN_HINT}") from None
-        if not token:
-            raise JobError(f"RAY_AUTH_TOKEN_PATH: {path} is empty; {TOKEN_HINT}")
-        return token, f"RAY_AUTH_TOKEN_PATH ({path})"
-    default = Path.home() / ".ray" / "auth_token"
-    try:
-        token = default.read_text().strip()
-    except OSError:
-        return None, "no token"
-    return (token, str(default)) if token else (None, "no token")
-
-
-# --- the client and its errors ----------------------------------------------------------------
-
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _without_address_env() -> Iterator[None]:
-    # JobSubmissionClient replaces the address it is given with RAY_API_SERVER_ADDRESS or RAY_ADDRESS
-    # when either is set; the address checked above must be the one contacted.
-    with _ENV_LOCK:
-        saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
-        try:
-            yield
-        finally:
-            os.environ.update(saved)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-@contextlib.contextmanager
-def guard(address: str, token_source: str = "the token") -> Iterator[None]:
-    """Turn the Jobs SDK's connection, TLS and authentication errors into JobErrors."""
-    import requests
-    from ray.exceptions import AuthenticationError
-
-    try:
-        yield
-    except JobError:
-        raise
-    except AuthenticationError as e:
-        text = str(e.message if hasattr(e, "message") else e)
-        if text.startswith("Authentication required") or "401" in text:
-            raise JobError(f"the Ray cluster at {address} requires a token and none was sent; {TOKEN_HINT}") from None
-        raise JobError(f"the Ray cluster at {address} refused {token_source}; {TOKEN_HINT}") from None
-    except requests.exceptions.SSLError as e:
-        raise JobError(f"TLS check failed for {address} ({_one_line(e)[:200]}); fix the certificate "
-                       "or pass verify= with the cluster's CA bundle") from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError) as e:
-        raise JobError(f"cannot reach the Ray cluster at {address}: start one with 'ray start --head' "
-                       "or pass --address") from e
-    except Exception as e:  # aiohttp's errors while following logs
-        name = type(e).__name__
-        if name == "WSServerHandshakeError" and getattr(e, "status", None) in (401, 403):
-            raise JobError(f"the Ray cluster at {address} refused {token_source}; {TOKEN_HINT}") from None
-        if name.startswith("ClientConnector") or name == "ServerDisconnectedError":
-            raise JobError(f"cannot reach the Ray cluster at {address}: start one with 'ray start --head' "
-                           "or pass --address") from e
-        if isinstance(e, RuntimeError) and "Version check returned 404" in str(e):
-            raise JobError(f"{address} answers HTTP but is not a Ray dashboard with the Jobs API; "
-                           f"pass the dashboard address (port {DASHBOARD_PORT} by default)") from None
-        raise
-
-
-def client(address: str | None = None, insecure: bool = False, verify: bool | str = True):
-    """A ``JobSubmissionClient`` for the cluster, sending the Ray token when one is found.
-
-    The address is checked (``check_secure``) before anything is sent; the client's constructor
-    then checks the connection and the cluster's Ray version.
-    """
-    from ray.job_submission import JobSubmissionClient
-
-    address = resolve_address(address)
-    check_secure(address, insecure)
-    token, source = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with guard(address, f"the token from {source}"), _without_address_env():
-        job_client = JobSubmissionClient(address, headers=headers, verify=verify)
-    job_client.alexray_address = address  # for messages
-    job_client.alexray_token_source = source
-    return job_client
-
-
-def _client_of(address, insecure: bool):
-    if address is not None and not isinstance(address, str):
-        return address  # already a client
-    return client(address, insecure)
-
-
-def _guard_of(job_client):
-    return guard(getattr(job_client, "alexray_address", "the cluster"),
-                 f"the token from {getattr(job_client, 'alexray_token_source', 'this machine')}")
-
-
 # --- jobs ---------------------------------------------------------------------------------------
 
 def _absolute(path: str) -> str:
@@ -286,8 +86,8 @@ def _job_dict(info) -> dict:
 
 def _find_job(job_client, ref: str | None) -> dict:
     """A job by submission id, Ray job id or run name (the newest job of that run); None: the newest run."""
-    address = getattr(job_client, "alexray_address", "the cluster")
-    with _guard_of(job_client):
+    address = client_address(job_client)
+    with guard_of(job_client):
         jobs = [_job_dict(j) for j in job_client.list_jobs()]
     jobs.sort(key=lambda j: j["start_time"] or 0)
     ours = [j for j in jobs if j["run_name"]]
@@ -316,10 +116,6 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     """
     import yaml
 
-    from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict
-
-    from .preflight import preflight
-
     try:
         spec = load_spec(spec_path, list(overrides))
     except SpecError as e:
@@ -347,7 +143,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
         (Path(tmp) / SPEC_FILE).write_text(
             f"# run {spec.run.name}: the validated spec, as submitted from {socket.gethostname()}\n"
             + yaml.safe_dump(data, sort_keys=False))
-        with _guard_of(job_client):
+        with guard_of(job_client):
             job_id = job_client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": tmp},
                                            metadata=metadata)
     if wait:
@@ -370,31 +166,28 @@ def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage
     preflight checks. Returns ``{"job_id", "run_name", "checkpoint", "step"}``; ``checkpoint`` is
     None when the run had not checkpointed yet (it then starts from step 0).
     """
-    from data_prep.errors import ShardError
-    from data_prep.storage import open_storage
-
     address = resolve_address(address)
     check_secure(address, insecure)
     job_client = client(address, insecure)
-    with _guard_of(job_client):
-        runs = [_job_dict(j) for j in job_client.list_jobs()]
-    runs = sorted((j for j in runs if j["run_name"] == run_name), key=lambda j: j["start_time"] or 0)
-    active = [j for j in runs if j["status"] in ("PENDING", "RUNNING")]
+    with guard_of(job_client):
+        jobs = [_job_dict(j) for j in job_client.list_jobs()]
+    jobs = sorted((j for j in jobs if j["run_name"] == run_name), key=lambda j: j["start_time"] or 0)
+    active = [j for j in jobs if j["status"] in ("PENDING", "RUNNING")]
     if active:
         raise JobError(f"run {run_name!r} is still {active[-1]['status']} as job {active[-1]['job_id']}; "
                        f"stop it first with 'alexray stop {active[-1]['job_id']}'")
-    storage = storage or (runs[-1]["storage"] if runs else None)
+    storage = storage or (jobs[-1]["storage"] if jobs else None)
     if not storage:
         raise JobError(f"no job of run {run_name!r} on the cluster at {address} says where the run lives; "
                        "pass --storage (the spec's run.storage)")
     storage = _absolute(storage)
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    run_dir = runs.run_dir(storage, run_name)
     try:
         store = open_storage(run_dir)
-        if not store.exists("spec.json"):
-            raise JobError(f"no run {run_name!r} in {storage} ({run_dir}/spec.json is missing); check the name "
+        if not store.exists(runs.SPEC):
+            raise JobError(f"no run {run_name!r} in {storage} ({run_dir}/{runs.SPEC} is missing); check the name "
                            "with 'alexray list' or pass --storage")
-        spec = json.loads(store.read_bytes("spec.json"))
+        spec = json.loads(store.read_bytes(runs.SPEC))
     except ShardError as e:
         raise JobError(f"run.storage: {e}") from None
     progress = run_progress(storage, run_name)
@@ -406,7 +199,7 @@ def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage
                        check_resources=check_resources, timeout=timeout)
     step = None
     if progress["newest_checkpoint"]:
-        step = int(progress["newest_checkpoint"].rsplit("_s", 1)[1])
+        step = runs.checkpoint_step(progress["newest_checkpoint"])
     return {"job_id": job_id, "run_name": run_name, "checkpoint": progress["newest_checkpoint"], "step": step}
 
 
@@ -424,10 +217,10 @@ def failure_reason(message: str | None) -> str:
 def wait_for(address, job_id: str, timeout: float | None = None, poll: float = 1.0,
              insecure: bool = False) -> str:
     """Wait until the job ends; returns SUCCEEDED, FAILED or STOPPED."""
-    job_client = _client_of(address, insecure)
+    job_client = client_of(address, insecure)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        with _guard_of(job_client):
+        with guard_of(job_client):
             state = str(getattr(job_client.get_job_status(job_id), "value", "")) or "PENDING"
         if state in TERMINAL:
             return state
@@ -443,40 +236,23 @@ def run_progress(storage: str, run_name: str) -> dict:
     Missing files give None fields (a run that has not started yet); an unreadable storage gives
     ``progress_error`` rather than an exception, so a job's status shows without storage access.
     """
-    from data_prep.errors import ShardError
-    from data_prep.storage import open_storage
-
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    run_dir = runs.run_dir(storage, run_name)
     out: dict = {"run_dir": run_dir, "epoch": None, "step": None, "steps_per_epoch": None, "loss": None,
                  "images_per_s": None, "progress_time": None, "top1": None, "top5": None, "best_top1": None,
                  "restarts": None, "newest_checkpoint": None, "summary": None}
     try:
-        store = open_storage(run_dir)
-
-        def read(name: str):
-            if not store.exists(name):
-                return None
-            try:
-                return json.loads(store.read_bytes(name))
-            except ValueError:
-                return None  # being replaced; the next look will see it
-
-        progress = read("progress.json") or {}
+        files = runs.RunFiles(run_dir, open_storage(run_dir))
+        progress = files.progress()
         for key in ("epoch", "step", "steps_per_epoch", "loss", "images_per_s"):
             out[key] = progress.get(key)
         out["progress_time"] = progress.get("time")
-        attempts = [o for o in store.list("attempts/") if o.name.endswith(".json")]
-        out["restarts"] = max(0, len(attempts) - 1) if attempts else None
-        # Only a checkpoint Ray has registered is one a restart or 'alexray resume' continues from: a
-        # complete directory whose (async) report Ray had not taken when the job stopped is not, so it
-        # is not shown - a job stopped before its first registration resumes from step 0.
-        registered = ((read("checkpoint_manager_snapshot.json") or {}).get("latest_checkpoint_result") or {})
-        newest = registered.get("checkpoint_dir_name")
-        if newest and store.exists(f"{newest}/complete.json"):
+        attempts = files.attempts()
+        out["restarts"] = max(0, attempts - 1) if attempts else None
+        newest = files.registered_checkpoint()  # what a restart or 'alexray resume' continues from
+        if newest:
             out["newest_checkpoint"] = f"{run_dir}/{newest}"
-        best = read("best/metrics.json") or {}
-        out["best_top1"] = best.get("val_top1")
-        summary = read("summary.json")
+        out["best_top1"] = files.best_metrics().get("val_top1")
+        summary = files.summary()
         if summary:
             summary = {k: v for k, v in summary.items() if k not in ("history", "model")}
             out["summary"] = summary
@@ -492,7 +268,7 @@ def run_progress(storage: str, run_name: str) -> dict:
 
 def status(address=None, job_id: str | None = None, *, insecure: bool = False) -> dict:
     """A job's state and its run's progress; ``job_id`` may also be a run name, None: the newest run."""
-    job = _find_job(_client_of(address, insecure), job_id)
+    job = _find_job(client_of(address, insecure), job_id)
     if job["run_name"] and job["storage"]:
         job.update(run_progress(job["storage"], job["run_name"]))
     return job
@@ -500,8 +276,8 @@ def status(address=None, job_id: str | None = None, *, insecure: bool = False) -
 
 def list_jobs(address=None, *, insecure: bool = False, all_jobs: bool = False) -> list[dict]:
     """The cluster's alexray jobs (every job with ``all_jobs``), oldest first, as plain dicts."""
-    job_client = _client_of(address, insecure)
-    with _guard_of(job_client):
+    job_client = client_of(address, insecure)
+    with guard_of(job_client):
         jobs = [_job_dict(j) for j in job_client.list_jobs()]
     jobs.sort(key=lambda j: j["start_time"] or 0)
     return jobs if all_jobs else [j for j in jobs if j["run_name"]]
@@ -509,10 +285,10 @@ def list_jobs(address=None, *, insecure: bool = False, all_jobs: bool = False) -
 
 def logs(address, job_id: str, follow: bool = False, *, insecure: bool = False, out: IO[str] | None = None) -> str:
     """The job's driver output so far; with ``follow``, stream it to ``out`` (stdout) until the job ends."""
-    job_client = _client_of(address, insecure)
+    job_client = client_of(address, insecure)
     job_id = _find_job(job_client, job_id)["job_id"]
     if not follow:
-        with _guard_of(job_client):
+        with guard_of(job_client):
             return job_client.get_job_logs(job_id)
     out = sys.stdout if out is None else out
     chunks: list[str] = []
@@ -524,7 +300,7 @@ def logs(address, job_id: str, follow: bool = False, *, insecure: bool = False, 
             out.flush()
 
     try:
-        with _guard_of(job_client):
+        with guard_of(job_client):
             asyncio.run(tail())
     except RuntimeError as e:
         if "closed unexpectedly" not in str(e) and "WebSocket" not in str(e):
@@ -532,7 +308,7 @@ def logs(address, job_id: str, follow: bool = False, *, insecure: bool = False, 
         # The stream broke (a dashboard restart): finish by polling the full log.
         seen = sum(len(c) for c in chunks)
         while True:
-            with _guard_of(job_client):
+            with guard_of(job_client):
                 done = str(getattr(job_client.get_job_status(job_id), "value", "")) in TERMINAL
                 text = job_client.get_job_logs(job_id)
             if len(text) > seen:
@@ -548,12 +324,12 @@ def logs(address, job_id: str, follow: bool = False, *, insecure: bool = False, 
 
 def stop(address, job_id: str, *, insecure: bool = False, wait: bool = True, timeout: float = 60) -> dict:
     """Ask the job to stop (SIGTERM, then SIGKILL after Ray's grace period); with ``wait``, until it has."""
-    job_client = _client_of(address, insecure)
+    job_client = client_of(address, insecure)
     job = _find_job(job_client, job_id)
-    with _guard_of(job_client):
+    with guard_of(job_client):
         requested = bool(job_client.stop_job(job["job_id"]))
     final = wait_for(job_client, job["job_id"], timeout=timeout) if wait and requested else None
     if final is None:
-        with _guard_of(job_client):
+        with guard_of(job_client):
             final = str(getattr(job_client.get_job_status(job["job_id"]), "value", ""))
     return {"job_id": job["job_id"], "run_name": job["run_name"], "stop_requested": requested, "status": final}

@@ -25,36 +25,59 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from alexray_core.errors import AlexrayError
+
+from . import jobs
 from .prometheus import Prometheus, PrometheusError
+from .rayclient import JobError
 
 PAGE = Path(__file__).resolve().parent / "static" / "dashboard.html"
 
 
-class MonitorError(ValueError):
-    exit_code = 2
+class MonitorError(AlexrayError):
+    """A problem the user can fix; the message names it and the fix, on one line."""
 
 
-def _sel(run: str) -> str:
-    return 'run="' + run.replace("\\", "\\\\").replace('"', '\\"') + '"'
+class Queries:
+    """The PromQL of one run's figures, written once for the dashboard and for ``watch``."""
+
+    def __init__(self, run: str, window: str):
+        self.s = 'run="' + run.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        self.w = window
+
+    def rate(self, metric: str, agg: str = "sum") -> str:
+        return f"{agg}(rate({metric}{{{self.s}}}[{self.w}]))"
+
+    def images(self, by: str = "") -> str:
+        return self.rate("alexray_train_images_total", f"sum {by}".strip())
+
+    def data_wait(self, by: str = "") -> str:
+        """The fraction of step time spent waiting for data."""
+        agg = f"sum {by}".strip()
+        return (f"{self.rate('alexray_train_data_wait_seconds_total', agg)}"
+                f" / {self.rate('alexray_train_step_duration_seconds_sum', agg)}")
+
+    def step_quantile(self, q: float) -> str:
+        return f"histogram_quantile({q}, {self.rate('alexray_train_step_duration_seconds_bucket', 'sum by (le)')})"
+
+    def gauge(self, metric: str, agg: str = "max") -> str:
+        return f"{agg}({metric}{{{self.s}}})"
 
 
 def figures(run: str, window: str) -> list[dict]:
     """The dashboard's charts: id, title, unit and (legend template, PromQL) pairs."""
-    s, w = _sel(run), window
-    wait = (f"sum by (rank) (rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
-            f" / sum by (rank) (rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))")
-    quantile = "histogram_quantile({q}, sum by (le) (rate(alexray_train_step_duration_seconds_bucket{{{s}}}[{w}])))"
+    q = Queries(run, window)
     return [
         {"id": "images", "title": "Images per second", "unit": "img/s", "queries": [
-            ("total", f"sum(rate(alexray_train_images_total{{{s}}}[{w}]))"),
-            ("rank {rank}", f"sum by (rank) (rate(alexray_train_images_total{{{s}}}[{w}]))")]},
-        {"id": "data_wait", "title": "Data-wait fraction", "unit": "%", "queries": [("rank {rank}", wait)]},
+            ("total", q.images()), ("rank {rank}", q.images("by (rank)"))]},
+        {"id": "data_wait", "title": "Data-wait fraction", "unit": "%", "queries": [
+            ("rank {rank}", q.data_wait("by (rank)"))]},
         {"id": "step_time", "title": "Step time", "unit": "s", "queries": [
-            ("p50", quantile.format(q=0.5, s=s, w=w)), ("p95", quantile.format(q=0.95, s=s, w=w))]},
+            ("p50", q.step_quantile(0.5)), ("p95", q.step_quantile(0.95))]},
         {"id": "loss", "title": "Training loss", "unit": "", "queries": [
-            ("rank {rank}", f"max by (rank) (alexray_train_loss{{{s}}})")]},
+            ("rank {rank}", q.gauge("alexray_train_loss", "max by (rank)"))]},
         {"id": "accuracy", "title": "Validation accuracy", "unit": "%", "queries": [
-            ("top-1", f"max(alexray_eval_top1_ratio{{{s}}})"), ("top-5", f"max(alexray_eval_top5_ratio{{{s}}})")]},
+            ("top-1", q.gauge("alexray_eval_top1_ratio")), ("top-5", q.gauge("alexray_eval_top5_ratio"))]},
     ]
 
 
@@ -97,11 +120,9 @@ def resolve_run(prom: Prometheus, job: str | None, address: str | None = None, i
         return run
     if job in prom.label_values("run", "alexray_train_step"):
         return job
-    from . import jobs
-
     try:
         found = jobs.status(address, job, insecure=insecure)
-    except jobs.JobError as e:
+    except JobError as e:
         raise MonitorError(f"no run named {job!r} has metrics in Prometheus at {prom.url}, and looking it up as a "
                            f"job failed: {e}") from None
     if not found.get("run_name"):
@@ -113,39 +134,35 @@ def resolve_run(prom: Prometheus, job: str | None, address: str | None = None, i
 
 def snapshot(prom: Prometheus, run: str, window: str = "30s") -> dict:
     """Everything ``watch`` shows, as numbers (None where Prometheus has no value)."""
-    s, w = _sel(run), window
+    q = Queries(run, window)
 
     def one(expr: str):
         values = prom.scalar_by(expr, "")
         return next(iter(values.values()), None)
 
-    images = prom.query(f"sum by (rank, node) (rate(alexray_train_images_total{{{s}}}[{w}]))")
-    wait = prom.scalar_by(f"sum by (rank) (rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
-                          f" / sum by (rank) (rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))", "rank")
-    loss = prom.scalar_by(f"max by (rank) (alexray_train_loss{{{s}}})", "rank")
+    images = prom.query(q.images("by (rank, node)"))
+    wait = prom.scalar_by(q.data_wait("by (rank)"), "rank")
+    loss = prom.scalar_by(q.gauge("alexray_train_loss", "max by (rank)"), "rank")
     workers = sorted(({"rank": item["metric"].get("rank", "?"), "node": item["metric"].get("node", "?"),
                        "images_per_s": float(item["value"][1])} for item in images),
                      key=lambda x: int(x["rank"]) if x["rank"].isdigit() else 0)
     for worker in workers:
         worker["data_wait"] = wait.get(worker["rank"])
         worker["loss"] = loss.get(worker["rank"])
-    total_wait = one(f"sum(rate(alexray_train_data_wait_seconds_total{{{s}}}[{w}]))"
-                     f" / sum(rate(alexray_train_step_duration_seconds_sum{{{s}}}[{w}]))")
-    step, planned = one(f"max(alexray_train_step{{{s}}})"), one(f"max(alexray_train_steps_planned{{{s}}})")
-    steps_per_s = one(f"max(rate(alexray_train_step_duration_seconds_count{{{s}}}[{w}]))")
+    step, planned = one(q.gauge("alexray_train_step")), one(q.gauge("alexray_train_steps_planned"))
+    steps_per_s = one(q.rate("alexray_train_step_duration_seconds_count", "max"))
     eta = None
     if step is not None and planned and steps_per_s and steps_per_s > 0:
         eta = max(0.0, planned - step) / steps_per_s
-    quantile = "histogram_quantile({q}, sum by (le) (rate(alexray_train_step_duration_seconds_bucket{{{s}}}[{w}])))"
     return {
         "run": run, "time": time.time(), "workers": workers,
         "images_per_s": sum(x["images_per_s"] for x in workers) if workers else None,
-        "data_wait": total_wait, "step": step, "planned_steps": planned, "steps_per_s": steps_per_s, "eta_s": eta,
-        "epoch": one(f"max(alexray_train_epoch{{{s}}})"), "lr": one(f"max(alexray_train_learning_rate{{{s}}})"),
-        "loss": one(f"avg(alexray_train_loss{{{s}}})"), "top1": one(f"max(alexray_eval_top1_ratio{{{s}}})"),
-        "top5": one(f"max(alexray_eval_top5_ratio{{{s}}})"),
-        "restarts": one(f"max(alexray_worker_restarts_total{{{s}}})"),
-        "step_p50": one(quantile.format(q=0.5, s=s, w=w)), "step_p95": one(quantile.format(q=0.95, s=s, w=w)),
+        "data_wait": one(q.data_wait()), "step": step, "planned_steps": planned, "steps_per_s": steps_per_s,
+        "eta_s": eta, "epoch": one(q.gauge("alexray_train_epoch")), "lr": one(q.gauge("alexray_train_learning_rate")),
+        "loss": one(q.gauge("alexray_train_loss", "avg")), "top1": one(q.gauge("alexray_eval_top1_ratio")),
+        "top5": one(q.gauge("alexray_eval_top5_ratio")),
+        "restarts": one(q.gauge("alexray_worker_restarts_total")),
+        "step_p50": one(q.step_quantile(0.5)), "step_p95": one(q.step_quantile(0.95)),
     }
 
 
@@ -373,7 +390,7 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             server.stop()
         return 0
-    except (PrometheusError, MonitorError) as e:
+    except AlexrayError as e:
         print(f"alexray {command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # while Prometheus was starting: it is stopped already

@@ -12,57 +12,31 @@ authenticated HTTP connection as the Jobs API; no Ray driver connection is made.
 from __future__ import annotations
 
 import json
-import re
 import zlib
+from pathlib import Path
 
-from alexray_core.spec import JobSpec
+from alexray_core import runs
+from alexray_core.runs import COMPLETE, MODEL_FILES, checkpoint_candidates
+from alexray_core.spec import JobSpec, SpecError, check_same_job
+from data_prep.errors import ShardError
+from data_prep.manifest import check_dataset as check
+from data_prep.storage import is_s3_url, open_storage
 
-from .jobs import JobError, guard
+from .rayclient import JobError, client_address, get_json
 
 NODES_ENDPOINT = "/api/v0/nodes?detail=1&limit=10000"
-# A checkpoint's layout (workers/checkpoint.py), repeated here because that module needs torch.
-COMPLETE = "complete.json"
-CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
-MODEL_FILES = ("state.json", "model.pt")
 
 
 def check_dataset(spec: JobSpec) -> dict:
     """The manifest at ``data.path`` is there and readable, has the splits and the class count asked for."""
-    from data_prep.errors import ShardError
-    from data_prep.manifest import MANIFEST_NAME, parse_manifest
-    from data_prep.storage import open_storage
-
-    path = spec.data.path
     try:
-        storage = open_storage(path)
-        storage.check_reachable()
-        if not storage.exists(MANIFEST_NAME):
-            raise JobError(f"data.path: no {MANIFEST_NAME} in {path}; shard a dataset there with "
-                           f"'alexray shard SRC {path}' or fix the path")
-        manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
+        return check(spec.data.path, spec.data.train_split, spec.data.val_split, spec.model.num_classes)
     except ShardError as e:
-        raise JobError(f"data.path: {e}") from None
-    splits = manifest.get("splits") or {}
-    for field, split in (("data.train_split", spec.data.train_split), ("data.val_split", spec.data.val_split)):
-        if split is None:
-            continue
-        if split not in splits or not splits[split].get("samples"):
-            have = ", ".join(sorted(s for s in splits if splits[s].get("samples"))) or "none"
-            raise JobError(f"{field}: the dataset at {path} has no samples in split {split!r} (splits: {have}); "
-                           f"set {field} to one of them" + (" or null" if field == "data.val_split" else ""))
-    classes = manifest.get("num_classes", len(manifest.get("classes") or []))
-    wanted = spec.model.num_classes
-    if wanted is not None and wanted != classes:
-        raise JobError(f"model.num_classes: {wanted} does not match the {classes} classes of the dataset at {path}; "
-                       f"set it to {classes} or leave it unset")
-    return manifest
+        raise JobError(str(e)) from None
 
 
 def check_run_storage(spec: JobSpec) -> None:
     """``run.storage`` accepts a write (a probe object is written and deleted)."""
-    from data_prep.errors import ShardError
-    from data_prep.storage import open_storage
-
     try:
         open_storage(spec.run.storage).check_writable()
     except ShardError as e:
@@ -71,18 +45,12 @@ def check_run_storage(spec: JobSpec) -> None:
 
 def check_run_name(spec: JobSpec) -> dict | None:
     """A run that already exists under ``run.name`` must be the same job; returns its spec, if any."""
-    import json
-
-    from data_prep.errors import ShardError
-    from data_prep.storage import open_storage
-    from alexray_core.spec import SpecError, check_same_job
-
-    run_dir = f"{spec.run.storage.rstrip('/')}/{spec.run.name}"
+    run_dir = runs.run_dir(spec.run.storage, spec.run.name)
     try:
         storage = open_storage(run_dir)
-        if not storage.exists("spec.json"):
+        if not storage.exists(runs.SPEC):
             return None
-        existing = json.loads(storage.read_bytes("spec.json"))
+        existing = json.loads(storage.read_bytes(runs.SPEC))
     except ShardError as e:
         raise JobError(f"run.storage: {e}") from None
     except ValueError:
@@ -96,16 +64,12 @@ def check_run_name(spec: JobSpec) -> dict | None:
 
 def cluster_resources(client) -> list[dict]:
     """The alive nodes' total resources, from the dashboard: ``[{"node_ip", "CPU", "GPU"}, ...]``."""
-    address = getattr(client, "alexray_address", "the cluster")
-    with guard(address, f"the token from {getattr(client, 'alexray_token_source', 'this machine')}"):
-        response = client._do_request("GET", NODES_ENDPOINT)
+    body, answer = get_json(client, NODES_ENDPOINT)
     try:
-        body = response.json()
         nodes = body["data"]["result"]["result"]
-    except (ValueError, KeyError, TypeError):
-        raise JobError(f"cannot read the cluster's nodes from {address}{NODES_ENDPOINT} "
-                       f"(HTTP {response.status_code}: {response.text[:200]!r}); is it a Ray >= 2.9 dashboard?",
-                       exit_code=1) from None
+    except (KeyError, TypeError):
+        raise JobError(f"cannot read the cluster's nodes from {client_address(client)}{NODES_ENDPOINT} "
+                       f"({answer}); is it a Ray >= 2.9 dashboard?", exit_code=1) from None
     out = []
     for node in nodes:
         if node.get("state") != "ALIVE":
@@ -122,7 +86,7 @@ def check_cluster(spec: JobSpec, client, address: str | None = None) -> dict:
     Total capacity counts, not what is free now: a job waits for busy resources, but never gets
     ones the cluster does not have. An autoscaling cluster may grow: skip this check for it.
     """
-    address = getattr(client, "alexray_address", None) or address or "the cluster"
+    address = client_address(client) if not isinstance(client, str) else address or "the cluster"
     nodes = cluster_resources(client)
     lo, _ = spec.worker_range()
     cpus = spec.scaling.cpus_per_worker
@@ -150,22 +114,6 @@ def check_cluster(spec: JobSpec, client, address: str | None = None) -> dict:
     return {"nodes": len(nodes), "CPU": total_cpu, "GPU": total_gpu, "worker_slots": slots}
 
 
-def _checkpoint_candidates(storage) -> list[str]:
-    """Prefixes under ``storage`` to try, in the workers' order: the checkpoint itself, else the run's
-    ``best/``, then its checkpoints newest first (workers/inference.py ``checkpoint_dir``)."""
-    if any(storage.exists(name) for name in (COMPLETE, *MODEL_FILES)):
-        return [""]
-    found = ["best/"] if storage.exists(f"best/{COMPLETE}") else []
-    dirs = set()
-    for prefix in ("checkpoint_", "checkpoints/checkpoint_"):
-        for obj in storage.list(prefix):
-            parent = obj.name.rpartition("/")[0]
-            match = CHECKPOINT_DIR.fullmatch(parent.rpartition("/")[2])
-            if match:
-                dirs.add((int(match[1]), int(match[2]), int(match[3] or 0), parent + "/"))
-    return found + [d[-1] for d in sorted(dirs, reverse=True)]
-
-
 def _complete_problem(storage, prefix: str, where: str) -> str | None:
     """Why the checkpoint at ``prefix`` is not complete, or None. Sizes are checked for the weights
     (the workers check their CRC-32 before loading), size and CRC-32 for the small state.json."""
@@ -191,11 +139,6 @@ def check_finetune_source(spec: JobSpec) -> str | None:
 
     Nothing of it is downloaded but ``complete.json`` and ``state.json``.
     """
-    from pathlib import Path
-
-    from data_prep.errors import ShardError
-    from data_prep.storage import is_s3_url, open_storage
-
     source = spec.finetune.from_checkpoint
     if not source:
         return None
@@ -206,7 +149,7 @@ def check_finetune_source(spec: JobSpec) -> str | None:
     try:
         storage = open_storage(base)
         storage.check_reachable()
-        candidates = _checkpoint_candidates(storage)
+        candidates = checkpoint_candidates(storage)
         if not candidates:
             raise JobError(f"{field}: {base} holds no checkpoint (no best/, no checkpoint_e*_s* directory); pass a "
                            "checkpoint directory or the run directory of 'alexray train'")

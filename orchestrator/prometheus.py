@@ -22,23 +22,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from alexray_core import discovery
-from alexray_core.localcluster import interrupts_deferred
+from alexray_core.errors import AlexrayError
+from alexray_core.localcluster import free_port, interrupts_deferred
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 URL_ENV = "ALEXRAY_PROMETHEUS_URL"
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster" / "prometheus"
 RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 
 
-class PrometheusError(ValueError):
+class PrometheusError(AlexrayError):
     """A problem the user can fix; the message names it and the fix, on one line."""
-
-    exit_code = 2
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -118,20 +117,19 @@ class Prometheus:
 
 # --- a local Prometheus ------------------------------------------------------------------------
 
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _config_dir() -> Path:
+    # Package data of ``cluster`` (pyproject.toml), so found in a checkout and in an installed wheel
+    # alike. Wheels install as plain files: a real folder, whose rule files Prometheus reads by path.
+    return Path(resources.files("cluster") / "prometheus")
 
 
 def render_config(targets_dir: str | Path | None = None, ray_sd_file: str | None = RAY_SD_FILE,
                   scrape_interval: str | None = None, evaluation_interval: str | None = None) -> dict:
     """cluster/prometheus/prometheus.yml with absolute paths and, optionally, other intervals."""
-    config = yaml.safe_load((CLUSTER_DIR / "prometheus.yml").read_text())
+    config_dir = _config_dir()
+    config = yaml.safe_load((config_dir / "prometheus.yml").read_text())
     targets = str(Path(targets_dir or discovery.targets_dir()).resolve())
-    config["rule_files"] = [str((CLUSTER_DIR / f).resolve()) for f in config.get("rule_files", [])]
+    config["rule_files"] = [str((config_dir / f).resolve()) for f in config.get("rule_files", [])]
     if scrape_interval:
         config["global"]["scrape_interval"] = scrape_interval
     if evaluation_interval:

@@ -48,6 +48,7 @@ _HEAVY_TESTS = {
     "tests/test_faults_security.py::test_a_targets_directory_of_another_user_is_refused": "Prometheus",
     "tests/test_metrics.py::test_promtool_accepts_the_config_and_the_rules": "Prometheus's promtool",
     "tests/test_metrics.py::test_watch_names_the_missing_run_and_the_fix": "Prometheus",
+    "tests/test_packaging.py": "Prometheus's promtool, on the files of a wheel it builds and installs",
     # No service, but minutes on two cores together: runs of `alexray train` / `python -m workers train`.
     "tests/test_model_tools.py": "trains the models it evaluates, exports and fine-tunes (about 2 min)",
     "tests/test_training.py::test_resuming_by_run_name_continues_mid_epoch_bitwise": "three training runs",

@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from data_prep.errors import ShardError
 from data_prep.images import KEEP, RESIZE, ImageOptions, Probe, resized_size
 from data_prep.shards import PlannedSample, estimate_bytes, plan_split, samples_per_shard
 from data_prep.sources import SourceFile, assign_keys
@@ -67,7 +68,7 @@ def test_estimate_bytes_scales_with_pixels():
                                            ({"resize_short_side": 2}, "resize_short_side"),
                                            ({"max_pixels": 0}, "max_pixels")])
 def test_image_options_name_the_bad_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ShardError, match=field):
         ImageOptions(**kwargs)
 
 
@@ -96,7 +97,7 @@ def test_split_names_that_cannot_name_shards_are_refused():
 
     assert ShardConfig(splits=["val-2", "test.v2", "train_a"], workers=1).splits == ["val-2", "test.v2", "train_a"]
     for bad in ("a/b", "my split", ".hidden", "-x"):
-        with pytest.raises(ValueError, match="splits"):
+        with pytest.raises(ShardError, match="splits"):
             ShardConfig(splits=[bad], workers=1)
     for name in ("val-2-000003.tar", "test.v2-000000.tar", "_lease.json", "_uploads/ab.json", "_progress/x.json"):
         assert _ours(name), name

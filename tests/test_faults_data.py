@@ -348,7 +348,8 @@ def test_shards_written_by_webdataset_and_tar_read_like_alexray_shards(digits, t
 # ---- a step with nothing readable is no optimizer step ---------------------------------------------
 
 def _initial_weights_sha256(spec) -> str:
-    from workers.train import model_kwargs, weights_sha256
+    from workers.models import model_kwargs
+    from workers.runstore import weights_sha256
 
     torch.manual_seed(spec.train.seed)  # as train_loop does: the same initial weights on every rank
     return weights_sha256(build_model(spec.model.name, 10, spec.model.width, **model_kwargs(spec)).state_dict())
@@ -477,3 +478,43 @@ def test_verify_shards_fails_on_a_changed_shard_before_using_any_of_its_samples(
     spec = load_spec(spec_path, ["run.name=verified", "data.verify_shards=true"])
     with pytest.raises(StorageError, match=r"train-000002\.tar does not match"):
         run_local(spec, prepare_run(spec))
+
+
+@pytest.mark.slow
+def test_under_ray_an_unreadable_shard_fails_the_run_without_restarts(digits, tmp_path, ray_cluster):
+    """Ray restarts a worker group after any worker error, up to failure.max_failures; a restart
+    cannot make a changed shard match its checksum, so the run fails at its first start."""
+    _, env = ray_cluster
+    data = _copy(digits, tmp_path / "data")
+    shard = data / "train-000001.tar"
+    blob = bytearray(shard.read_bytes())
+    blob[blob.index(b'"class_id"') + 1] ^= 0x20
+    shard.write_bytes(bytes(blob))
+    runs = tmp_path / "runs"
+    spec = write_spec(tmp_path / "spec.yaml", str(data), str(runs), run={"name": "changed"},
+                      data={"val_split": None, "verify_shards": True}, checkpoint={"every_steps": 0},
+                      failure={"max_failures": 3})
+    proc = run_alexray("train", spec, env=env, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    line = error_line(proc)
+    assert re.search(r"training failed on rank \d: \S+/train-000001\.tar does not match the sha256 in its "
+                     r"manifest", line), line
+    starts = sorted(p.name for p in (runs / "changed" / "attempts").iterdir())
+    assert starts == ["0000.json"], starts  # one start: no restart was spent on it
+
+
+def test_the_failure_policy_restarts_for_crashes_but_not_for_errors_only_the_user_can_fix():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from workers.raytrain import FailFastPolicy
+
+    unreadable = WorkerGroupError("rank 1 failed", {0: RuntimeError("collective aborted"),
+                                                    1: StorageError("s3://b/train-000001.tar no longer exists")})
+    crashed = WorkerGroupError("rank 0 failed", {0: RuntimeError("segfault in a decoder")})
+    ray_default = DefaultFailurePolicy(FailureConfig(max_failures=3))
+    assert ray_default.make_decision(unreadable) == FailureDecision.RETRY  # what Ray alone would do
+    ours = FailFastPolicy(DefaultFailurePolicy(FailureConfig(max_failures=3)))
+    assert ours.make_decision(unreadable) == FailureDecision.RAISE
+    assert [ours.make_decision(crashed) for _ in range(4)] == [FailureDecision.RETRY] * 3 + [FailureDecision.RAISE]

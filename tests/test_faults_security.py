@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from alexray_core import discovery
-from orchestrator.jobs import JobError
+from orchestrator.rayclient import JobError
 from alexray_core.localcluster import command_line, processes_using
 from orchestrator.monitor import start_dashboard
 from orchestrator.prometheus import PrometheusError, free_port, start_prometheus

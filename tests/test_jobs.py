@@ -19,16 +19,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator import jobs
-from orchestrator.jobs import JobError
-from alexray_core.localcluster import cluster_pids, command_line, start_local_cluster, stop_local_cluster
+from orchestrator import jobs, rayclient
+from orchestrator.rayclient import JobError
+from alexray_core.localcluster import cluster_pids, command_line, free_port, start_local_cluster, stop_local_cluster
 from tests.support.waiting import wait_until
 from tests.trainingtools import ray_train_pids, sharded_digits, write_spec
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +80,23 @@ _wait = wait_until
 # --- no cluster needed --------------------------------------------------------------------------
 
 def test_resolve_address(monkeypatch, no_address_env):
-    assert jobs.resolve_address(None) == "http://127.0.0.1:8265"
-    assert jobs.resolve_address("auto") == "http://127.0.0.1:8265"
-    assert jobs.resolve_address("10.0.0.5:8266") == "http://10.0.0.5:8266"
-    assert jobs.resolve_address("head") == "http://head:8265"
-    assert jobs.resolve_address("https://ray.example.com/") == "https://ray.example.com"
-    assert jobs.resolve_address("https://ray.example.com/ray/") == "https://ray.example.com/ray"
-    assert jobs.resolve_address("[::1]:8265") == "http://[::1]:8265"
+    assert rayclient.resolve_address(None) == "http://127.0.0.1:8265"
+    assert rayclient.resolve_address("auto") == "http://127.0.0.1:8265"
+    assert rayclient.resolve_address("10.0.0.5:8266") == "http://10.0.0.5:8266"
+    assert rayclient.resolve_address("head") == "http://head:8265"
+    assert rayclient.resolve_address("https://ray.example.com/") == "https://ray.example.com"
+    assert rayclient.resolve_address("https://ray.example.com/ray/") == "https://ray.example.com/ray"
+    assert rayclient.resolve_address("[::1]:8265") == "http://[::1]:8265"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9000")
-    assert jobs.resolve_address(None) == "http://127.0.0.1:9000"
-    assert jobs.resolve_address("http://127.0.0.1:1234") == "http://127.0.0.1:1234"  # the argument wins
+    assert rayclient.resolve_address(None) == "http://127.0.0.1:9000"
+    assert rayclient.resolve_address("http://127.0.0.1:1234") == "http://127.0.0.1:1234"  # the argument wins
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9001")
-    assert jobs.resolve_address(None) == "http://127.0.0.1:9001"
+    assert rayclient.resolve_address(None) == "http://127.0.0.1:9001"
     for bad, words in (("ray://head:10001", "Ray Client"), ("head:6379", "GCS"), ("ftp://head:21", "scheme"),
                        ("http://head:notaport", "not a valid address"),
                        ("https://user:pw@head", "carries credentials")):
         with pytest.raises(JobError, match=words):
-            jobs.resolve_address(bad)
+            rayclient.resolve_address(bad)
 
 
 def test_plain_http_to_another_host_is_refused_before_any_connection(monkeypatch, tmp_path, no_address_env):
@@ -127,8 +123,8 @@ def test_plain_http_to_another_host_is_refused_before_any_connection(monkeypatch
     assert attempts == []
     for fine in ("https://203.0.113.5:8265", "http://127.0.0.1:8265", "http://127.8.9.10:8265",
                  "http://localhost:8265", "http://[::1]:8265"):
-        jobs.check_secure(fine)  # no error, and still nothing sent
-    jobs.check_secure("http://203.0.113.5:8265", insecure=True)
+        rayclient.check_secure(fine)  # no error, and still nothing sent
+    rayclient.check_secure("http://203.0.113.5:8265", insecure=True)
     assert attempts == []
 
 
@@ -136,23 +132,23 @@ def test_token_sources_follow_rays_order(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
-    assert jobs.auth_token() == (None, "no token")
+    assert rayclient.auth_token() == (None, "no token")
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
-    assert jobs.auth_token()[0] == "from-home"
+    assert rayclient.auth_token()[0] == "from-home"
     (tmp_path / "tok").write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
-    assert jobs.auth_token()[0] == "from-path"
+    assert rayclient.auth_token()[0] == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert jobs.auth_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert rayclient.auth_token() == ("from-env", "RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(JobError, match="RAY_AUTH_TOKEN_PATH"):
-        jobs.auth_token()
+        rayclient.auth_token()
 
 
 def test_unreachable_cluster_gives_a_clear_error(no_address_env):
-    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for call in (lambda: jobs.client(address), lambda: jobs.list_jobs(address), lambda: jobs.status(address)):
         with pytest.raises(JobError) as e:
             call()
@@ -329,7 +325,7 @@ def test_preflight_refuses_bad_jobs_before_submitting(token_env, digits, tmp_pat
 
 def test_the_address_given_is_the_one_contacted(token_env, monkeypatch):
     # Ray's client would otherwise replace it with RAY_API_SERVER_ADDRESS or RAY_ADDRESS.
-    elsewhere = f"http://127.0.0.1:{_free_port()}"
+    elsewhere = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", elsewhere)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", elsewhere)
     assert isinstance(jobs.list_jobs(token_env["address"]), list)

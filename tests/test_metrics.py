@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
@@ -114,22 +115,30 @@ def test_accuracy_is_absent_until_the_first_evaluation(worker):
     assert _families(worker.registry)["alexray_eval_top1_ratio"].samples[0].value == 0.25
 
 
-def test_timed_splits_data_wait_from_step_time(worker):
-    def slow_batches():
+def test_timed_splits_data_wait_from_step_time(worker, monkeypatch):
+    import workers.metrics
+
+    clock = [0.0]  # seconds, advanced by the loader and the steps below
+    monkeypatch.setattr(workers.metrics, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+
+    def batches():
         for i in range(4):
-            time.sleep(0.05)  # the loader
+            clock[0] += 0.25 * (i + 1)  # the loader: 0.25, 0.5, 0.75 and 1 s
             yield i
+        clock[0] += 8.0  # finding the end of the data: no step follows, so it is no step's wait
 
     seen = []
-    for batch in worker.timed(slow_batches()):
-        time.sleep(0.1)  # the step's compute
+    for batch in worker.timed(batches()):
+        clock[0] += 0.5  # the step's compute
         seen.append(batch)
     assert seen == [0, 1, 2, 3]
     values = {s.name: s.value for f in _families(worker.registry).values() for s in f.samples}
-    wait, steps = values["alexray_train_data_wait_seconds_total"], values["alexray_train_step_duration_seconds_sum"]
     assert values["alexray_train_step_duration_seconds_count"] == 4
-    assert 0.19 < wait < 0.35 and 0.58 < steps < 0.9, (wait, steps)
-    assert 0.2 < wait / steps < 0.45
+    assert values["alexray_train_data_wait_seconds_total"] == 2.5
+    assert values["alexray_train_step_duration_seconds_sum"] == 2.5 + 4 * 0.5  # each step includes its wait
+    step_buckets = {s.labels["le"]: s.value for s in _families(worker.registry)["alexray_train_step_duration_seconds"]
+                    .samples if s.name.endswith("_bucket")}
+    assert step_buckets["1.0"] == 2 and step_buckets["+Inf"] == 4  # steps of 0.75, 1, 1.25 and 1.5 s
 
 
 def test_metrics_off_gives_no_endpoint(monkeypatch):
@@ -295,6 +304,8 @@ def test_the_driver_publishes_the_newest_worker_group_and_cleans_up(monkeypatch,
     monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda k, del_by_prefix=False, namespace=None: [
         store.pop(key) for key in list(store) if key.startswith(k.encode())])
     monkeypatch.setenv(discovery.TARGETS_ENV, str(tmp_path))
+    now = [1000.0]  # the registration times the newest worker group is told by
+    monkeypatch.setattr(discovery, "time", SimpleNamespace(time=lambda: now[0]))
 
     def register(rank: int, world: int, port: int) -> None:
         labels = {"run": "r1", "rank": str(rank), "node": "10.0.0.1", "instance": f"r1/{rank}"}
@@ -308,7 +319,7 @@ def test_the_driver_publishes_the_newest_worker_group_and_cleans_up(monkeypatch,
     entries = json.loads((tmp_path / "r1.json").read_text())
     assert [e["targets"] for e in entries] == [["10.0.0.1:9100"], ["10.0.0.1:9001"], ["10.0.0.1:9002"],
                                                ["10.0.0.1:9003"]]
-    time.sleep(0.01)
+    now[0] += 1
     register(0, 2, 9200)  # an elastic restart with two workers: ranks 2 and 3 are gone
     register(1, 2, 9201)
     publisher.publish_once()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import webdataset as wds
 
 from tests.shardtools import error_line, read_tar_samples, run_alexray, shard_contents, start_alexray
 from tests.support import datasets as ds
+from tests.support.waiting import wait_until
 
 
 def _images_on_disk(root: Path, split: str) -> set[str]:
@@ -220,11 +220,8 @@ def test_interrupted_run_resumes_to_the_identical_result(tmp_path, how):
 
     dest = tmp_path / "shards"
     proc = start_alexray("shard", src, dest, "--shard-size", "4", "--resize-short-side", "200", "--workers", "1")
-    deadline = time.monotonic() + 120
-    while len(list((dest / "_progress").glob("*.json"))) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: len(list((dest / "_progress").glob("*.json"))) >= 3, 120, "three finished shards", proc,
+               lambda p: p.communicate()[1][-3000:], poll=0.05)
     os.killpg(proc.pid, signal.SIGKILL if how == "sigkill" else signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     if how == "sigint":

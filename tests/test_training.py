@@ -143,12 +143,18 @@ def test_plateau_divides_by_ten_and_resumes_its_state():
     assert plateau.lr(30, 0) == pytest.approx(0.0001)  # divided three times at most, as in the paper
 
 
-@pytest.mark.parametrize("name", ["digits.yaml", "imagenet-alexnet.yaml"])
-def test_example_specs_are_valid(name):
+@pytest.mark.parametrize("name, workers, use_gpu, per_worker_batch, width, image_size", [
+    ("digits.yaml", 2, False, 32, 0.25, 64),  # the demo (README): 2 CPU workers, AlexNet at width 0.25, 64 px
+    ("imagenet-alexnet.yaml", 8, True, 128, 1.0, 224),  # the paper's AlexNet, 128 per GPU on 8 GPUs
+])
+def test_example_specs_load_as_the_docs_describe_them(name, workers, use_gpu, per_worker_batch, width, image_size):
     from alexray_core.spec import load_spec
 
-    spec = load_spec(ROOT / "examples" / name)
-    assert spec.train.global_batch_size % spec.data.streams == 0
+    # with the overrides the README submits them with; a stale example raises here, naming the field
+    spec = load_spec(ROOT / "examples" / name, ["data.path=s3://bucket/shards", "run.storage=s3://bucket/runs"])
+    assert spec.worker_range() == (workers, workers) and spec.scaling.use_gpu is use_gpu
+    assert spec.train.global_batch_size // workers == per_worker_batch
+    assert (spec.model.name, spec.model.width, spec.data.image_size) == ("alexnet", width, image_size)
 
 
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
@@ -190,7 +196,7 @@ def test_spec_validation_names_the_field(override, message):
 
 
 def test_spec_overrides_apply_after_the_file(tmp_path):
-    from alexray_core.spec import load_spec
+    from alexray_core.spec import SpecError, load_spec
 
     path = tmp_path / "spec.yaml"
     path.write_text("data: {path: /data}\ntrain: {epochs: 5, lr: 0.02}\n")
@@ -198,8 +204,8 @@ def test_spec_overrides_apply_after_the_file(tmp_path):
                             "train.global_batch_size=96"])
     assert (spec.train.epochs, spec.train.lr, spec.scaling.num_workers, spec.data.val_split) == (7, 0.02, [2, 4], None)
     # an elastic run may take any size in its range: 128 does not divide by 3
-    with pytest.raises(ValueError, match=r"^train.global_batch_size: 128 is not divisible by 3 workers"):
+    with pytest.raises(SpecError, match=r"^train.global_batch_size: 128 is not divisible by 3 workers"):
         load_spec(path, ["scaling.num_workers=[2, 4]"])
-    with pytest.raises(ValueError, match=r"^data.image_size: 32 is too small for alexnet; use at least 64"):
+    with pytest.raises(SpecError, match=r"^data.image_size: 32 is too small for alexnet; use at least 64"):
         load_spec(path, ["data.image_size=32", "data.eval_resize=32"])
     assert spec.train.momentum == 0.9 and spec.train.weight_decay == 5e-4  # the paper's defaults

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from alexray_core.errors import AlexrayError
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
@@ -52,7 +53,7 @@ def test_streams_cover_shards_and_order_changes_per_epoch():
     assert max(covered.values()) == 1 and len(covered) == a.stream_length * 8
     with pytest.raises(ValueError, match="streams"):
         plan_epoch(UNEVEN, 50, 8, 0, 0)
-    with pytest.raises(ValueError, match="global_batch_size"):
+    with pytest.raises(AlexrayError, match="global_batch_size"):
         plan_epoch([3, 4], 64, 8, 0, 0)
 
 
@@ -82,7 +83,12 @@ def test_loader_exactly_once_equal_steps_and_exact_resume(shards):
     keys = [k for batch in one for k in batch]
     assert len(keys) == len(set(keys)) == plan.used
     assert _keys_by_step(split, plan, 2, 1, start=3) == two[1][3:]  # mid-epoch resume, exact
-    assert _keys_by_step(split, plan, 2, 1, start=3, workers=0) == two[1][3:]  # with or without workers
+    # Any number of decoding threads (num_workers; 0 means one) gives the same batches: one thread for
+    # all four of the rank's streams, or one per stream, as the two above
+    assert len(rank_slices(plan, 1, 0)) == 4
+    for workers in (1, 4):
+        assert _keys_by_step(split, plan, 1, 0, workers=workers) == one, workers
+    assert _keys_by_step(split, plan, 2, 1, start=3, workers=1) == two[1][3:]
     batch = next(iter(train_batches(split, plan, 2, 0, 0, 5, 32, 16, 1, lighting_std=0.1)))
     assert batch.images.dtype.is_floating_point is False and batch.images.shape[1:] == (3, 32, 32)
     assert batch.alphas.shape == (8, 3) and batch.alphas.abs().sum() > 0

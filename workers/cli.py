@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+
+from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, AlexrayError
+from alexray_core.spec import JobSpec, load_spec
+from data_prep.errors import ShardError
 
 
 def train_parser(prog: str) -> argparse.ArgumentParser:
@@ -20,43 +25,46 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
-    import os
-
-    from alexray_core.spec import SpecError, load_spec
-
     args = train_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
+    spec = None
     try:
         spec = load_spec(args.spec, args.overrides)
-    except SpecError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    try:
         if args.no_ray:
-            from .launch import prepare_run
-            from .train import run_local
-
-            summary = run_local(spec, prepare_run(spec))
+            summary = _train_here(spec)
         else:
             from .launch import launch
 
             summary = launch(spec, args.address or os.environ.get("RAY_ADDRESS"))
-    except ValueError as e:
+    except AlexrayError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - Ray's errors carry pages of traceback; say it in one line
-        if type(e).__module__.startswith("ray") or type(e).__name__ in ("ShardError", "StorageError", "CheckpointError"):
-            print(f"{prog}: error: training failed: {_last_line(e)}", file=sys.stderr)
-            return 1
-        raise
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{_resume_hint(spec)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "model")}, indent=1))
     return 0
 
 
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error:" in line or "error:" in line]
-    return (errors or lines or [type(error).__name__])[-1]
+def _train_here(spec: JobSpec) -> dict:
+    """The run in this process. Data that fails it part-way (a shard that vanished, was refused or
+    changed, storage that went away) fails the run, as it would on Ray; the spec and checkpoint
+    problems found as it starts keep their own exit code."""
+    from .launch import prepare_run
+    from .train import run_local
+
+    run_dir = prepare_run(spec)
+    try:
+        return run_local(spec, run_dir)
+    except ShardError as e:
+        raise AlexrayError(f"training failed: {e}", exit_code=EXIT_FAILED) from None
+
+
+def _resume_hint(spec: JobSpec | None) -> str:
+    """How to continue: a run is resumed from its newest checkpoint by starting it again under its name."""
+    if spec is None or spec.run.name is None:
+        return ""
+    return f"; to continue from its newest checkpoint, run the same command with --set run.name={spec.run.name}"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import posixpath
 import threading
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from data_prep.errors import EXIT_FAILED, ShardError, StorageError
+from alexray_core.errors import EXIT_FAILED
+from alexray_core.spec import SpecError
+from data_prep.errors import ShardError, StorageError
 from data_prep.storage import apply_storage_env, storage_env
 
 from . import s3io
@@ -60,21 +63,21 @@ def load_manifest(dataset: str) -> dict:
     try:
         return json.loads(s3io.read_bytes(url))
     except FileNotFoundError:
-        raise ValueError(f"data.path: no manifest.json at {dataset}; shard the dataset first with 'alexray shard'") from None
+        raise SpecError(f"data.path: no manifest.json at {dataset}; shard the dataset first with 'alexray shard'") from None
 
 
 def split_info(dataset: str, manifest: dict, split: str, verify: bool = False) -> SplitInfo:
     """The split's shards; with ``verify`` each is checked against its manifest sha256 as it is read."""
     if split not in manifest["splits"]:
-        raise ValueError(f"data: split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
+        raise SpecError(f"data: split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
     shards = manifest["splits"][split]["shards"]
     base = dataset.rstrip("/")
     digests: tuple[str, ...] = ()
     if verify:
         missing = next((s["name"] for s in shards if not s.get("sha256")), None)
         if missing:
-            raise ValueError(f"data.verify_shards: the manifest of {dataset} has no sha256 for {missing}; "
-                             "re-shard with 'alexray shard' or set data.verify_shards: false")
+            raise SpecError(f"data.verify_shards: the manifest of {dataset} has no sha256 for {missing}; "
+                            "re-shard with 'alexray shard' or set data.verify_shards: false")
         digests = tuple(s["sha256"] for s in shards)
     return SplitInfo(tuple(f"{base}/{s['name']}" for s in shards), tuple(s["samples"] for s in shards),
                      len(manifest["classes"]), tuple(c["name"] for c in manifest["classes"]), digests)
@@ -480,8 +483,6 @@ def train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: int,
 
 
 def _mp():
-    import multiprocessing as mp
-
     # forkserver: workers start from a clean process, not a fork of one holding threads (Ray, gloo).
     return mp.get_context("forkserver")
 
@@ -566,4 +567,4 @@ def _one_line_errors(loader: DataLoader) -> Iterator[dict]:
         if len(lines) == 1:
             raise
         last = lines[-1].split(f"{type(e).__name__}: ", 1)[-1]
-        raise type(e)(last) from None
+        raise type(e)(last, e.exit_code) from None

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from alexray_core.errors import AlexrayError
+
 from .inference import LoadedModel, check_classes, describe
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -183,7 +185,7 @@ def val_subset(loaded: LoadedModel, data: str, split: str, count: int) -> tuple[
         if have >= count:
             break
     if not have:
-        raise ValueError(f"--data: the {split} split of {data} has no readable samples to compare on")
+        raise AlexrayError(f"--data: the {split} split of {data} has no readable samples to compare on")
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
@@ -229,7 +231,7 @@ def export(loaded: LoadedModel, options: ExportOptions, show_progress: bool = Tr
     from tqdm import tqdm
 
     if options.output and "://" in options.output:
-        raise ValueError(f"--output: {options.output} is not a local path; export here, then upload the file")
+        raise AlexrayError(f"--output: {options.output} is not a local path; export here, then upload the file")
     output = str(Path(options.output or default_output(loaded, options)).expanduser().absolute())
     stages = 4 if options.quantize else 3
     with tqdm(total=stages, desc="export", unit="stage", disable=not show_progress, dynamic_ncols=True) as bar:

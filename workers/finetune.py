@@ -2,11 +2,13 @@
 
 The spec's ``finetune`` section names the source checkpoint. When a run starts fresh (no checkpoint
 of its own to resume), every layer but the final classification layer is copied from the source;
-that layer keeps the fresh initialisation ``build_model`` gave it (``replace_classifier``'s), sized
-for the new dataset's classes. The convolutional layers can be frozen or trained at a fraction of
-the lr: the parameter groups carry an ``lr_mult`` that the training loop applies to its schedule.
-A resumed run restores its own weights and optimizer, so these groups must be built the same way
-on every start, which they are: they depend on the spec only.
+that layer keeps the fresh initialisation ``build_model`` gave it (seeded by ``train.seed``, so the
+same on every rank), sized for the new dataset's classes: N(0, 0.01) weights and zero biases in the
+paper AlexNet, the model's own initialisation of its last layer in the others. The convolutional
+layers can be frozen or trained at a fraction of the lr: the parameter groups carry an ``lr_mult``
+that the training loop applies to its schedule. A resumed run restores its own weights and
+optimizer, so these groups must be built the same way on every start, which they are: they depend
+on the spec only.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ from __future__ import annotations
 from torch import nn
 
 from . import checkpoint as ckpt
-from alexray_core.spec import JobSpec
+from alexray_core.spec import JobSpec, SpecError
 from .inference import checkpoint_dir, describe, read_info
-from .models import classifier_head
+from .models import classifier_head, model_kwargs
 
 
 def check_source(info: dict, spec: JobSpec, where: str) -> None:
     """Refuse a source whose layers cannot fit the model the spec builds, naming the fields to set."""
-    from .train import model_kwargs
-
     m = spec.model
     source_groups = (info.get("kwargs") or {}).get("groups")
     wanted_groups = model_kwargs(spec).get("groups")
@@ -31,9 +31,9 @@ def check_source(info: dict, spec: JobSpec, where: str) -> None:
         fix = f"model.name: {info['name']}, model.width: {info['width']}"
         if source_groups is not None:
             fix += f", model.groups: {str(source_groups).lower()}"
-        raise ValueError(f"finetune.from_checkpoint: {where} holds {describe(info)} but the spec builds {m.name} "
-                         f"(width {m.width}{f', groups {wanted_groups}' if wanted_groups is not None else ''}); "
-                         f"set {fix} in the spec")
+        raise SpecError(f"finetune.from_checkpoint: {where} holds {describe(info)} but the spec builds {m.name} "
+                        f"(width {m.width}{f', groups {wanted_groups}' if wanted_groups is not None else ''}); "
+                        f"set {fix} in the spec")
 
 
 def load_backbone(model: nn.Module, spec: JobSpec) -> str:

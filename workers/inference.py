@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,18 +24,21 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import socket
 import torch
 
+from alexray_core import runs
+from alexray_core.errors import AlexrayError
 from data_prep.storage import is_s3_url, open_storage
 
 from . import checkpoint as ckpt
 from .data import SplitInfo, eval_batches, load_manifest, split_info
+from .evaluation import count_predictions
 from .models import build_model, class_probabilities
+from .transforms import CorruptSample, eval_image
 
 log = logging.getLogger("alexray.inference")
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
-MODEL_FILES = ("state.json", "model.pt")
 
 
 # ---- opening a checkpoint -------------------------------------------------------------------------
@@ -71,54 +73,27 @@ def describe(info: dict) -> str:
     return f"{info.get('name')} (width {info.get('width')}, {info.get('num_classes')} classes)"
 
 
-def _newest_first(dirs: list[str]) -> list[str]:
-    def order(name: str) -> tuple[int, int, int]:
-        match = CHECKPOINT_DIR.fullmatch(name.rstrip("/").rpartition("/")[2])
-        return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else (-1, -1, -1)
-
-    return sorted(dirs, key=order, reverse=True)
-
-
 def _local_candidates(path: Path) -> list[Path]:
     if not path.exists():
         raise ckpt.CheckpointError(f"{path} does not exist: pass a checkpoint directory or a run directory")
     if path.is_file():
-        if (path.parent / ckpt.COMPLETE).is_file() and path.name in (*MODEL_FILES, "optimizer.pt", ckpt.COMPLETE):
+        if (path.parent / runs.COMPLETE).is_file() and path.name in (*runs.MODEL_FILES, "optimizer.pt", runs.COMPLETE):
             return [path.parent]
         raise ckpt.CheckpointError(f"{path} is a file, not a checkpoint: pass the directory holding model.pt, "
-                                   f"state.json and {ckpt.COMPLETE}, or the run directory")
-    if any((path / name).exists() for name in (ckpt.COMPLETE, *MODEL_FILES)):
-        return [path]
-    found = [path / "best"] if (path / "best" / ckpt.COMPLETE).is_file() else []
-    dirs = [str(d) for base in (path, path / "checkpoints") if base.is_dir() for d in base.iterdir()
-            if d.is_dir() and CHECKPOINT_DIR.fullmatch(d.name)]
-    found += [Path(d) for d in _newest_first(dirs)]
-    if not found:
-        raise ckpt.CheckpointError(f"{path} holds no checkpoint (no best/, no checkpoint_e*_s* directory): pass a "
-                                   "checkpoint directory or the run directory of 'alexray train'")
-    return found
+                                   f"state.json and {runs.COMPLETE}, or the run directory")
+    return [path / prefix for prefix in _candidates(str(path))]
 
 
-def _s3_candidates(url: str) -> list[str]:
-    storage = open_storage(url)
-    if storage.exists(ckpt.COMPLETE) or storage.exists("model.pt"):
-        return [""]
-    found = ["best/"] if storage.exists(f"best/{ckpt.COMPLETE}") else []
-    dirs = set()
-    for prefix in ("checkpoint_", "checkpoints/checkpoint_"):
-        for obj in storage.list(prefix):
-            parent = obj.name.rpartition("/")[0]
-            if CHECKPOINT_DIR.fullmatch(parent.rpartition("/")[2]):
-                dirs.add(parent + "/")
-    found += _newest_first(sorted(dirs))
+def _candidates(location: str) -> list[str]:
+    found = runs.checkpoint_candidates(open_storage(location))
     if not found:
-        raise ckpt.CheckpointError(f"{url} holds no checkpoint (no best/, no checkpoint_e*_s* directory): pass a "
-                                   "checkpoint directory or the run directory of 'alexray train'")
+        raise ckpt.CheckpointError(f"{location} holds no checkpoint (no best/, no checkpoint_e*_s* directory): "
+                                   "pass a checkpoint directory or the run directory of 'alexray train'")
     return found
 
 
 @contextlib.contextmanager
-def checkpoint_dir(location: str, names: tuple[str, ...] = MODEL_FILES) -> Iterator[tuple[Path, str]]:
+def checkpoint_dir(location: str, names: tuple[str, ...] = runs.MODEL_FILES) -> Iterator[tuple[Path, str]]:
     """A local directory holding the checkpoint's ``names``, verified, and the checkpoint's address.
 
     For a run directory the candidates are tried best first, then newest first: a checkpoint that
@@ -128,11 +103,11 @@ def checkpoint_dir(location: str, names: tuple[str, ...] = MODEL_FILES) -> Itera
     errors: list[str] = []
     if is_s3_url(location):
         base = location.rstrip("/")
-        for prefix in _s3_candidates(base):
+        for prefix in _candidates(base):
             where = f"{base}/{prefix}".rstrip("/")
             with tempfile.TemporaryDirectory(prefix="alexray-ckpt-") as tmp:
                 storage = open_storage(where)
-                for name in (ckpt.COMPLETE, *names):
+                for name in (runs.COMPLETE, *names):
                     if storage.exists(name):
                         (Path(tmp) / name).write_bytes(storage.read_bytes(name))
                 try:
@@ -187,7 +162,7 @@ def checkpoint_info(location: str) -> tuple[dict, str]:
 def build_from_info(info: dict, where: str) -> torch.nn.Module:
     try:
         return build_model(info["name"], int(info["num_classes"]), float(info["width"]), **(info.get("kwargs") or {}))
-    except (ValueError, TypeError) as e:
+    except (AlexrayError, ValueError, TypeError) as e:
         raise ckpt.CheckpointError(f"{where}: cannot rebuild {describe(info)}: {e}") from None
 
 
@@ -253,41 +228,26 @@ class EvalOptions:
 def check_classes(loaded: LoadedModel, split: SplitInfo, data: str) -> None:
     """Refuse a dataset whose labels would not mean what the model's outputs mean."""
     if split.num_classes != loaded.num_classes:
-        raise ValueError(f"--data: {data} has {split.num_classes} classes but the checkpoint classifies "
-                         f"{loaded.num_classes}; fine-tune it on this dataset first: alexray finetune SPEC.yaml "
-                         f"--from {loaded.source}")
+        raise AlexrayError(f"--data: {data} has {split.num_classes} classes but the checkpoint classifies "
+                           f"{loaded.num_classes}; fine-tune it on this dataset first: alexray finetune SPEC.yaml "
+                           f"--from {loaded.source}")
     names = list(loaded.info.get("classes") or [])
     if names and list(split.class_names) != names:
         differ = next(i for i, (a, b) in enumerate(zip(names, split.class_names)) if a != b)
-        raise ValueError(f"--data: {data}'s classes differ from the checkpoint's (class {differ} is "
-                         f"{split.class_names[differ]!r} there, {names[differ]!r} in the checkpoint); "
-                         "fine-tune on this dataset first with 'alexray finetune'")
+        raise AlexrayError(f"--data: {data}'s classes differ from the checkpoint's (class {differ} is "
+                           f"{split.class_names[differ]!r} there, {names[differ]!r} in the checkpoint); "
+                           "fine-tune on this dataset first with 'alexray finetune'")
 
 
-@torch.no_grad()
 def evaluate_part(model: torch.nn.Module, info: dict, split: SplitInfo, parts: int, index: int,
                   options: EvalOptions, progress: Callable[[int], None] | None = None) -> dict:
     """Confusion counts over part ``index`` of ``parts`` of the split (every sample in exactly one part)."""
-    classes = int(info["num_classes"])
     size = int(info.get("image_size") or 224)
     resize = int(info.get("eval_resize") or size)
-    confusion = np.zeros((classes, classes), dtype=np.int64)
-    top5_hits = np.zeros(classes, dtype=np.int64)
-    skipped = 0
-    model.eval()
-    for batch in eval_batches(split, parts, index, size, resize, options.batch_size, options.num_workers,
-                              options.ten_crop):
-        skipped += batch["skipped"]
-        labels = batch["labels"]
-        if len(labels):
-            probs = class_probabilities(model, batch["images"])
-            top = probs.topk(min(5, classes), dim=1).indices
-            np.add.at(confusion, (labels.numpy(), top[:, 0].numpy()), 1)
-            hits = (top == labels[:, None]).any(1).numpy()
-            np.add.at(top5_hits, labels.numpy()[hits], 1)
-        if progress is not None:
-            progress(len(labels) + batch["skipped"])
-    return {"confusion": confusion, "top5_hits": top5_hits, "skipped": skipped}
+    batches = eval_batches(split, parts, index, size, resize, options.batch_size, options.num_workers,
+                           options.ten_crop)
+    counts = count_predictions(model, batches, int(info["num_classes"]), progress=progress)
+    return {"confusion": counts.confusion, "top5_hits": counts.top5_hits, "skipped": counts.skipped}
 
 
 def _ray_part(weights: dict, info: dict, split: SplitInfo, parts: int, index: int, options: EvalOptions) -> dict:
@@ -299,16 +259,14 @@ def _ray_part(weights: dict, info: dict, split: SplitInfo, parts: int, index: in
 
 def _check_reachable(address: str) -> None:
     """Fail in seconds: ray.init retries an address where nothing listens for minutes."""
-    import socket
-
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not port.isdigit():
         return  # "auto" and the like: Ray finds the cluster itself
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except OSError as e:
-        raise ValueError(f"--address: nothing answers at {address} ({e.strerror or e}); start the cluster "
-                         "(ray start --head) or give the head's host:6379") from None
+        raise AlexrayError(f"--address: nothing answers at {address} ({e.strerror or e}); start the cluster "
+                           "(ray start --head) or give the head's host:6379") from None
 
 
 def _evaluate_on_ray(loaded: LoadedModel, split: SplitInfo, options: EvalOptions, address: str,
@@ -321,8 +279,9 @@ def _evaluate_on_ray(loaded: LoadedModel, split: SplitInfo, options: EvalOptions
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--address: cannot reach a Ray cluster at {address} ({str(e).splitlines()[0][:200]}); "
-                             "check the address (host:6379 of the head, or auto)") from None
+            reason = str(e).splitlines()[0][:200]
+            raise AlexrayError(f"--address: cannot reach a Ray cluster at {address} ({reason}); "
+                               "check the address (host:6379 of the head, or auto)") from None
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -431,32 +390,33 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Callable[[], bytes] | No
     return out
 
 
-def image_crops(data: bytes, size: int, resize: int, ten_crop: bool = False) -> np.ndarray:
-    """An image file's bytes as evaluation crops (HWC uint8, or a (10, H, W, C) stack).
+def sample_bytes(data: bytes) -> bytes:
+    """An image file's bytes as the RGB JPEG sharding would store for it (``data_prep.images``).
 
-    The format comes from the bytes: CMYK and grayscale JPEGs, PNGs (transparency on white) and
-    EXIF-rotated images become upright RGB, exactly as sharding turns them into training samples;
-    truncated and non-image files raise ``RejectedImage`` with the reason.
+    The format comes from the bytes: a complete upright RGB JPEG is kept as it is; CMYK and
+    grayscale JPEGs, PNGs (transparency on white), EXIF-rotated images and other formats become
+    upright RGB JPEGs, exactly as sharding turns them into training samples. Truncated and
+    non-image files raise ``RejectedImage`` with the reason.
     """
-    from PIL import ImageOps
-
-    from data_prep.images import DEFAULT_MAX_PIXELS, RejectedImage, _orientation, _to_rgb, decode_image, open_image
-
-    from .transforms import _crop, eval_boxes
+    from data_prep.images import (_EOI, CONVERT, DEFAULT_MAX_PIXELS, ImageOptions, Probe, RejectedImage,
+                                  _displayed_size, _orientation, open_image, prepare_image)
 
     if not data:
         raise RejectedImage("empty file (0 bytes)")
     image = open_image(data, DEFAULT_MAX_PIXELS)
     orientation = _orientation(image)
-    decode_image(image)
-    if orientation != 1:
-        image = ImageOps.exif_transpose(image)
-    pixels = np.asarray(_to_rgb(image))
-    boxes = eval_boxes(pixels.shape[1], pixels.shape[0], size, resize, ten_crop)
-    crops = [_crop(pixels, 1.0, 1.0, box, size, size) for box in boxes]
-    if not ten_crop:
-        return crops[0]
-    return np.stack(crops + [c[:, ::-1] for c in crops])
+    if (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+            and data[-16:].rstrip(b"\x00").endswith(_EOI)):
+        return data  # probe_image's "keep": sharding stores such a file as it is
+    width, height = _displayed_size(image, orientation)
+    return prepare_image(data, Probe(CONVERT, width=width, height=height), ImageOptions())[0]
+
+
+def image_crops(data: bytes, size: int, resize: int, ten_crop: bool = False) -> np.ndarray:
+    """An image file's bytes as evaluation crops (HWC uint8, or a (10, H, W, C) stack): the file
+    becomes the sample sharding would store, cropped by evaluation's own ``eval_image``, so a
+    file is classified as its sample is evaluated. Undecodable samples raise ``CorruptSample``."""
+    return eval_image(sample_bytes(data), size, resize, ten_crop)
 
 
 @torch.no_grad()
@@ -490,7 +450,7 @@ def predict(loaded: LoadedModel, inputs: list[str], ten_crop: bool = False, batc
             if error is None:
                 try:
                     pending.append((slot, image_crops(reader(), loaded.image_size, loaded.eval_resize, ten_crop)))
-                except RejectedImage as e:
+                except (RejectedImage, CorruptSample) as e:
                     results[slot].error = f"{name}: {e}"
                 except Exception as e:  # noqa: BLE001 - unreadable file or object: report it, go on
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -14,17 +14,20 @@ import shutil
 import sys
 from urllib.parse import urlparse
 
-from alexray_core.spec import JobSpec
+from alexray_core import runs
+from alexray_core.discovery import TargetPublisher
+from alexray_core.errors import EXIT_FAILED, AlexrayError
+from alexray_core.localcluster import LOOPBACK_ONLY, use_private_token
+from alexray_core.spec import JobSpec, check_same_job, new_run_name
+from data_prep.manifest import check_dataset
+
 from .runstore import RunStore
 
 log = logging.getLogger("alexray.launch")
 
 
 def run_dir_of(spec: JobSpec) -> str:
-    storage = spec.run.storage.rstrip("/")
-    if not storage.startswith("s3://"):
-        storage = os.path.abspath(os.path.expanduser(storage))
-    return f"{storage}/{spec.run.name}"
+    return runs.run_dir(spec.run.storage, spec.run.name)
 
 
 def ray_storage(storage: str):
@@ -41,44 +44,25 @@ def ray_storage(storage: str):
     return storage[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def check_dataset(path: str) -> None:
-    """Fail before anything starts if the dataset's manifest cannot be read."""
-    from data_prep.errors import StorageError
-    from data_prep.storage import open_storage
-
-    storage = open_storage(path)
-    try:
-        storage.check_reachable()
-        found = storage.exists("manifest.json")
-    except StorageError as e:
-        raise ValueError(f"data.path: {e}") from None
-    if not found:
-        raise ValueError(f"data.path: no manifest.json in {path}; shard a dataset there with 'alexray shard SRC {path}'")
-
-
 def prepare_run(spec: JobSpec) -> str:
     """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
-    from alexray_core.spec import check_same_job, new_run_name
-
     if not spec.data.path.startswith("s3://"):
         spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
-    check_dataset(spec.data.path)
+    check_dataset(spec.data.path, spec.data.train_split, spec.data.val_split, spec.model.num_classes)
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)
     run_dir = run_dir_of(spec)
     store = RunStore(run_dir)
-    existing = store.read_json("spec.json")
+    existing = store.spec()
     if existing is not None:
         check_same_job(existing, spec)
     else:
-        store._write_json("spec.json", spec.to_dict())
+        store.write_json(runs.SPEC, spec.to_dict())
     return run_dir
 
 
 def launch(spec: JobSpec, address: str | None = None) -> dict:
     """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it."""
-    from alexray_core.localcluster import LOOPBACK_ONLY
-
     if not address and "ray" not in sys.modules:  # Ray reads the switch when it is imported
         for name, value in LOOPBACK_ONLY.items():
             os.environ.setdefault(name, value)
@@ -88,10 +72,12 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
     token_dir = None
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level="ERROR")
+            try:
+                ray.init(address=address, logging_level="ERROR")
+            except ConnectionError as e:
+                raise AlexrayError(f"--address {address}: no Ray cluster answers there ({_last_line(e)}); start one "
+                                   "with 'ray start --head' or pass the address it printed") from None
         else:  # a new cluster for this job, reachable from this machine only, with a token of its own
-            from alexray_core.localcluster import use_private_token
-
             token_dir = use_private_token()
             try:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
@@ -107,12 +93,17 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
             shutil.rmtree(token_dir, ignore_errors=True)
 
 
+class RunFailed(AlexrayError):
+    """The run started and failed: a worker's own error, or Ray's once its restarts were spent."""
+
+    exit_code = EXIT_FAILED
+
+
 def _fit(spec: JobSpec, run_dir: str) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig
 
-    from alexray_core.discovery import TargetPublisher
-
+    from .raytrain import FailFastTrainer, user_errors
     from .train import train_func
 
     lo, hi = spec.worker_range()
@@ -120,7 +111,7 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
     storage_path, filesystem = ray_storage(spec.run.storage)
-    trainer = TorchTrainer(
+    trainer = FailFastTrainer(
         train_func,
         train_loop_config={"spec": spec.to_dict(), "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -134,5 +125,17 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
     )
     log.warning("run %s: %s", spec.run.name, run_dir)
     with TargetPublisher(spec.run.name):  # Prometheus finds the workers through this driver (see discovery)
-        trainer.fit()
-    return RunStore(run_dir).read_json("summary.json") or {}
+        try:
+            trainer.fit()
+        except TrainingFailedError as e:
+            for rank, error in user_errors(e).items():  # what the user must fix, as the worker said it
+                raise RunFailed(f"training failed on rank {rank}: {error}") from None
+            raise RunFailed(f"training failed: {_last_line(e)}") from None
+    return RunStore(run_dir).summary() or {}
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (its text is pages of traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error:" in line or "error:" in line]
+    return (errors or lines or [type(error).__name__])[-1]

@@ -10,6 +10,7 @@ How Prometheus finds the endpoint: ``alexray_core.discovery``. ``ALEXRAY_METRICS
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 
@@ -186,8 +187,6 @@ def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_ep
         if on_ray:
             discovery.register_ray_target(run, rank, world_size, address, labels)
         else:
-            import atexit
-
             atexit.register(metrics._endpoint.announce(run, labels).remove)
     except Exception as e:  # noqa: BLE001 - monitoring must never stop training
         log.warning("metrics: endpoint not started (%s: %s); training continues without it", type(e).__name__, e)

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from alexray_core.errors import EXIT_USAGE, AlexrayError
+
 COMMANDS = ("evaluate", "predict", "finetune", "export")
+_EXPORT_EXTRA = ("onnx", "onnxruntime", "onnxscript")  # optional: pip install 'alexray[export]'
 
 
 def _count(minimum: int):
@@ -101,29 +105,22 @@ def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command not in COMMANDS:
         print(f"alexray: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     prog = f"alexray {command}"
     args = _parser(command).parse_args(rest)
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
-    from data_prep.errors import ShardError
-
-    from alexray_core.spec import SpecError
-
     handler = {"evaluate": _evaluate, "predict": _predict, "finetune": _finetune, "export": _export}[command]
     try:
         return handler(args, prog)
-    except (SpecError, ValueError) as e:  # CheckpointError is a ValueError
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except ShardError as e:  # storage: missing bucket, refused credentials, unreachable endpoint
+    except AlexrayError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except ImportError as e:
-        fix = ("ONNX export needs the export extra: pip install 'alexray[export]'"
-               if (e.name or "").split(".")[0] in ("onnx", "onnxruntime", "onnxscript")
-               else "reinstall alexray with its dependencies")
-        print(f"{prog}: error: {e.name or e} is not installed; {fix}", file=sys.stderr)
-        return 2
+        if (e.name or "").split(".")[0] not in _EXPORT_EXTRA:  # a dependency alexray cannot run without: a bug
+            raise
+        print(f"{prog}: error: {e.name} is not installed; ONNX export needs the export extra: "
+              "pip install 'alexray[export]'", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _emit(report: dict, args, summary: str) -> None:
@@ -155,8 +152,8 @@ def _evaluate(args, prog: str) -> int:
     loaded = load_checkpoint(args.checkpoint)
     data = _dataset(args.data, args.checkpoint)
     if not data:
-        raise ValueError("--data: required: the dataset to evaluate on (a directory written by 'alexray shard', "
-                         "local or s3://); the checkpoint's run names none that is readable")
+        raise AlexrayError("--data: required: the dataset to evaluate on (a directory written by 'alexray shard', "
+                           "local or s3://); the checkpoint's run names none that is readable")
     options = EvalOptions(split=args.split, ten_crop=args.ten_crop, batch_size=args.batch_size,
                           num_workers=args.num_workers, worst=args.worst)
     r = evaluate(loaded, data, options, args.address, args.workers, show_progress=not args.no_progress)
@@ -195,12 +192,10 @@ def _predict(args, prog: str) -> int:
                     print(f"  {entry['probability']:7.2%}  {entry['name']}")
     if failed:
         print(f"{prog}: {len(results) - len(failed)} of {len(results)} images classified", file=sys.stderr)
-    return 2 if failed else 0
+    return EXIT_USAGE if failed else 0
 
 
 def _finetune(args, prog: str) -> int:
-    import os
-
     from data_prep.storage import is_s3_url
 
     from .cli import main as train_main

@@ -17,6 +17,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from alexray_core.spec import JobSpec, SpecError
+
 __all__ = [
     "AlexNet",
     "AlexNetTV",
@@ -24,7 +26,7 @@ __all__ = [
     "build_model",
     "model_names",
     "classifier_head",
-    "replace_classifier",
+    "model_kwargs",
 ]
 
 # Local response normalisation of the paper (section 3.3): k=2, n=5, alpha=1e-4, beta=0.75.
@@ -259,16 +261,26 @@ def build_model(name: str = "alexnet", num_classes: int = 1000, width: float = 1
     if key not in known:
         close = difflib.get_close_matches(key, [*_BUILTINS, *known], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
+        raise SpecError(
             f"model.name: unknown model {name!r}{hint}; choose alexnet, alexnet_tv or a torchvision "
             f"classifier such as resnet18 (torchvision.models.list_models(module=torchvision.models) "
             f"lists them)")
     if width != 1.0:
-        raise ValueError(f"model.width: {width} is only supported by {', '.join(model_names())}; "
-                         f"torchvision model {key!r} needs width 1.0")
+        raise SpecError(f"model.width: {width} is only supported by {', '.join(model_names())}; "
+                        f"torchvision model {key!r} needs width 1.0")
     import torchvision
 
     return torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
+
+
+def model_kwargs(spec: JobSpec) -> dict:
+    """The constructor keywords of ``spec.model`` for ``build_model`` (torchvision models take none)."""
+    m = spec.model
+    if m.name == "alexnet":
+        return {"groups": m.groups, "dropout": m.dropout, "init": m.init}
+    if m.name == "alexnet_tv":
+        return {"dropout": m.dropout}
+    return {}
 
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -287,28 +299,6 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
         raise ValueError(f"model has no nn.Linear classification layer ({type(model).__name__}); "
                          "replace its head by hand")
     return head
-
-
-def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the final classification layer for a new one with `num_classes` outputs (transfer
-    learning); every other parameter is kept. The new layer is on the old one's device and dtype
-    and freshly initialised: N(0, 0.01) weights and zero bias for the paper AlexNet (its init of
-    the output layer), PyTorch's default Linear init otherwise. Returns `model`, changed in place.
-    """
-    _check_num_classes(num_classes)
-    name, old = classifier_head(model)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
-    if isinstance(model, AlexNet):
-        nn.init.normal_(new.weight, mean=0.0, std=0.01)
-        if new.bias is not None:
-            nn.init.zeros_(new.bias)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-    if hasattr(model, "num_classes"):
-        model.num_classes = num_classes
-    return model
 
 
 def class_probabilities(model: nn.Module, images: torch.Tensor, channels_last: bool = False,

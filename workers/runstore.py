@@ -1,13 +1,4 @@
-"""The run directory ``{storage}/{run_name}/`` beside Ray's checkpoints: what people and tools read.
-
-- ``spec.json``: the spec the run was started with;
-- ``attempts/NNNN.json``: one per start of the worker group (restarts = count - 1), with the
-  checkpoint it resumed from and the newer ones it had to skip, and why;
-- ``progress.json``: the latest metrics (epoch, step, loss, images/s), for ``alexray status``;
-- ``best/``: the model with the best val top-1 so far (complete.json written last);
-- ``samples/``: with ``debug.sample_log``, the sample keys each rank trained on, per step and attempt;
-- ``summary.json``: written at the end (epochs, steps, samples, top-1/5, images/s, wall time,
-  restarts, final weights sha256).
+"""Writes the run directory (its layout: ``alexray_core.runs``) beside Ray's checkpoints.
 
 Checkpoints are written first to this run's scratch directory on the local disk
 (``{tmp}/alexray-run-{name}-{hash}/``), one folder per writing process, named after its host and
@@ -29,24 +20,16 @@ import time
 import zlib
 from pathlib import Path
 
+import torch
+
+from alexray_core import runs
 from data_prep.storage import LocalStorage, open_storage
 
 from . import checkpoint as ckpt
 
 log = logging.getLogger("alexray.runstore")
 
-# Ray's checkpoint_dir_name; ``_aNNNN``: a step taken again by attempt NNNN after the checkpoint of
-# that step was found damaged (Ray deletes an evicted checkpoint by path, so names never repeat)
-CHECKPOINT_NAME = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
 _SCRATCH_NAME = re.compile(r"[a-z]+-(?P<host>.+)-p(?P<pid>\d+)-[^-]+")
-
-
-def checkpoint_order(name: str) -> tuple[int, int, int]:
-    """(epoch, step, attempt) of a checkpoint directory name: larger is newer."""
-    match = CHECKPOINT_NAME.fullmatch(name)
-    if not match:
-        raise ValueError(f"{name!r} is not a checkpoint directory name")
-    return int(match[1]), int(match[2]), int(match[3] or -1)
 
 
 def _alive(pid: int) -> bool:
@@ -76,19 +59,13 @@ class Resume:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class RunStore:
+class RunStore(runs.RunFiles):
     def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.storage = open_storage(run_dir)
+        super().__init__(run_dir, open_storage(run_dir))
         self.resumed: Resume | None = None  # what resume_point chose at this start
 
-    def _write_json(self, name: str, data) -> None:
+    def write_json(self, name: str, data) -> None:
         self.storage.write_bytes(name, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
-
-    def read_json(self, name: str):
-        if not self.storage.exists(name):
-            return None
-        return json.loads(self.storage.read_bytes(name))
 
     # ---- scratch on the local disk ----------------------------------------------------------------
 
@@ -121,15 +98,14 @@ class RunStore:
 
     def checkpoint_names(self, prefix: str = "") -> list[str]:
         """Checkpoint directories under ``prefix`` (Ray's: the run directory itself), newest first."""
-        names = {obj.name[len(prefix):].partition("/")[0] for obj in self.storage.list(f"{prefix}checkpoint_")}
-        return sorted((n for n in names if CHECKPOINT_NAME.fullmatch(n)), key=checkpoint_order, reverse=True)
+        return runs.checkpoint_dirs(self.storage, prefix)
 
     def checkpoint_name(self, epoch: int, step: int, attempt: int) -> str:
         """The directory name of a new checkpoint; never that of one skipped at this start."""
-        name = f"checkpoint_e{epoch:04d}_s{step:09d}"
+        name = runs.checkpoint_name(epoch, step)
         avoid = {skipped for skipped, _ in self.resumed.skipped} if self.resumed else set()
         while name in avoid:
-            name = f"checkpoint_e{epoch:04d}_s{step:09d}_a{attempt:04d}"
+            name = runs.checkpoint_name(epoch, step, attempt)
             attempt += 1
         return name
 
@@ -167,8 +143,8 @@ class RunStore:
         self.resumed = None
         if newest is None:
             return None
-        newer = checkpoint_order(newest)
-        candidates = [newest] + [n for n in self.checkpoint_names(prefix) if checkpoint_order(n) < newer]
+        newer = runs.checkpoint_order(newest)
+        candidates = [newest] + [n for n in self.checkpoint_names(prefix) if runs.checkpoint_order(n) < newer]
         crc = zlib.crc32("\n".join(candidates).encode())
         mine = [float(len(candidates)), crc >> 16, (crc >> 16) ** 2, crc & 0xFFFF, (crc & 0xFFFF) ** 2]
         if agree(mine) != [world * v for v in mine]:  # sums equal to world x each value: all ranks alike
@@ -261,39 +237,59 @@ class RunStore:
         """Record a start of the worker group; returns how many starts came before (rank 0 only)."""
         if rank != 0:
             return 0
-        previous = len(self.storage.list("attempts/"))
-        self._write_json(f"attempts/{previous:04d}.json", {"started": time.time(), "resumed_from_step": resumed_from,
+        previous = len(self.storage.list(runs.ATTEMPTS))
+        self.write_json(f"{runs.ATTEMPTS}{previous:04d}.json", {"started": time.time(), "resumed_from_step": resumed_from,
                                                             **self.attempt_record()})
         return previous
 
     def first_start(self) -> float:
-        first = self.read_json("attempts/0000.json")
+        first = self.read_json(f"{runs.ATTEMPTS}0000.json")
         return first["started"] if first else time.time()
 
     def write_progress(self, metrics: dict) -> None:
-        self._write_json("progress.json", {**metrics, "time": time.time()})
+        self.write_json(runs.PROGRESS, {**metrics, "time": time.time()})
 
     def flush_sample_log(self, rank: int, world: int, epoch: int, entries: list[dict], attempt: int = 0) -> None:
         """Steps redone after a restart are logged again under the new attempt: for each step, the
         highest attempt that logged it is the one whose work the run kept."""
         if entries:
             first = entries[0]["step"]
-            self._write_json(f"samples/e{epoch:04d}-s{first:06d}-a{attempt:04d}-w{world}-r{rank}.json", entries)
+            self.write_json(f"samples/e{epoch:04d}-s{first:06d}-a{attempt:04d}-w{world}-r{rank}.json", entries)
 
     def write_best(self, model_state: dict, state: ckpt.TrainState, metrics: dict) -> None:
-        self.storage.delete(f"best/{ckpt.COMPLETE}")  # the old best stops counting before it is replaced
+        self.storage.delete(runs.BEST + runs.COMPLETE)  # the old best stops counting before it is replaced
         tmp = self.scratch_dir("best")
         try:
             ckpt.save(tmp, 0, state, model_state, {}, world_size=1)  # rank 0's files only
             for name in ("model.pt", "optimizer.pt", "state.json", "rng-rank0.pt", ckpt.COMPLETE):
-                self._put_durably(f"best/{name}", Path(tmp) / name)  # complete.json goes last
-            self._write_json("best/metrics.json", metrics)
+                self._put_durably(runs.BEST + name, Path(tmp) / name)  # complete.json goes last
+            self.write_json(runs.BEST_METRICS, metrics)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def write_summary(self, spec, state: ckpt.TrainState, weights: dict, attempt: int) -> dict:
-        from .train import summary_of
-
         summary = summary_of(spec, state, weights, attempt, time.time() - self.first_start())
-        self._write_json("summary.json", summary)
+        self.write_json(runs.SUMMARY, summary)
         return summary
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """A digest of the weights' names and exact bytes: equal digests, bitwise-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def summary_of(spec, state: ckpt.TrainState, weights: dict, attempt: int, wall_seconds: float) -> dict:
+    """``summary.json``: what the run did and what it reached, for people and for tests."""
+    last = state.history[-1] if state.history else {}
+    return {"run_name": spec.run.name, "epochs": state.epoch, "steps": state.global_step,
+            "samples": state.samples_seen, "top1": last.get("val_top1"), "top5": last.get("val_top5"),
+            "best_top1": state.best_top1 if state.best_top1 >= 0 else None,
+            "images_per_s": state.metrics.get("images_per_s"), "wall_seconds": wall_seconds,
+            "restarts": attempt, "final_weights_sha256": weights_sha256(weights), "history": state.history,
+            "model": state.model}

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import time
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen_schemes
 
 from data_prep.errors import StorageError
-from data_prep.storage import describe_s3_error, is_transient, make_s3_client
+from data_prep.storage import backoff_delay, describe_s3_error, is_transient, make_s3_client
 
 _client = None
 RUN_AGAIN = "run again (training resumes from its last checkpoint)"
@@ -132,7 +131,7 @@ class ResumableS3Reader(io.RawIOBase):
                         raise read_error(exc, f"s3://{self.bucket}/{self.key}",
                                          self.attempts if dropped else None) from exc
                     raise
-                delay = min(8.0, self.base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                delay = backoff_delay(attempt, self.base_delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 

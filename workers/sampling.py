@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+from alexray_core.errors import AlexrayError
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -67,8 +69,8 @@ def plan_epoch(shard_sizes: list[int], global_batch: int, num_streams: int, seed
     chunk = global_batch // num_streams
     steps = length // chunk
     if steps == 0:
-        raise ValueError(f"the split has {total} samples, fewer than one global batch of {global_batch} "
-                         f"over {num_streams} streams: lower train.global_batch_size or data.streams")
+        raise AlexrayError(f"the split has {total} samples, fewer than one global batch of {global_batch} "
+                            f"over {num_streams} streams: lower train.global_batch_size or data.streams")
     streams = []
     sequence = iter(_segments_in_order(shard_sizes, seed, epoch))
     pending: Segment | None = None

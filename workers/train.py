@@ -1,8 +1,15 @@
 """The training loop, run by every Ray Train worker (or by one process without Ray).
 
-Reads top to bottom: set up, resume if a checkpoint exists, then for each epoch train on the
-rank's batches, checkpoint every N steps, evaluate, checkpoint. ``Session`` hides whether Ray is
-there: the loop is the same in a Ray Train worker and under ``python -m workers train``.
+Reads top to bottom: ``set_up`` builds the run's parts and resumes from the newest usable
+checkpoint; then each epoch is ``train_one_epoch`` (the rank's steps, with checkpoints every N
+steps) and ``end_epoch`` (evaluate, best model, history), followed by a checkpoint. ``Session``
+hides whether Ray is there: the loop is the same in a Ray Train worker and under
+``python -m workers train``.
+
+Every rank must make the same collective calls in the same order, or the run hangs in gloo or
+NCCL: set-up's resume and attempt agreements, then per step the skipped-samples agreement, DDP's
+gradient all-reduce, the checkpoint-written agreement (while one is in flight) and the progress
+window's sums, then per epoch the val counts and the skipped total.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,15 +27,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from alexray_core.spec import JobSpec, spec_from_dict
+from alexray_core.spec import JobSpec, SpecError, spec_from_dict
 from alexray_core.spec import check_resumed_identity
 from alexray_core.spec import run_identity as identity
-from .data import eval_batches, load_manifest, split_info, too_many_skipped, train_batches
+from .checkpointing import CheckpointManager
+from .data import SplitInfo, eval_batches, load_manifest, split_info, too_many_skipped, train_batches
+from .evaluation import count_predictions
 from .finetune import load_backbone, param_groups
-from .metrics import worker_metrics
-from .models import build_model, class_probabilities
+from .hooks import DebugHooks
+from .metrics import NullMetrics, worker_metrics
+from .models import build_model, model_kwargs
 from .runstore import RunStore
-from .sampling import plan_epoch
+from .sampling import EpochPlan, plan_epoch
 from .transforms import to_model_input
 
 log = logging.getLogger("alexray.train")
@@ -138,15 +149,6 @@ class LRSchedule:
         self.factor, self.best, self.bad_epochs = state["factor"], state["best"], state["bad_epochs"]
 
 
-def model_kwargs(spec: JobSpec) -> dict:
-    m = spec.model
-    if m.name == "alexnet":
-        return {"groups": m.groups, "dropout": m.dropout, "init": m.init}
-    if m.name == "alexnet_tv":
-        return {"dropout": m.dropout}
-    return {}
-
-
 def _configure_determinism(spec: JobSpec) -> None:
     if spec.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -163,240 +165,324 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-@torch.no_grad()
-def evaluate(model, spec: JobSpec, split, session: Session, use_bf16: bool, channels_last: bool) -> dict:
-    """Exact top-1/top-5 over the split: every sample counted once, on exactly one rank."""
-    model.eval()
-    correct1 = correct5 = total = skipped = 0
-    for batch in eval_batches(split, session.world_size, session.rank, spec.data.image_size, spec.data.eval_resize,
-                              batch_size=max(1, spec.train.global_batch_size // session.world_size),
-                              num_workers=spec.data.num_workers, ten_crop=spec.data.ten_crop):
-        skipped += batch["skipped"]
-        labels = batch["labels"].to(session.device)
-        if not len(labels):
-            continue
-        images = batch["images"].to(session.device, non_blocking=True)
-        probs = class_probabilities(model, images, channels_last, use_bf16)
-        top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-        correct1 += (top5[:, 0] == labels).sum().item()
-        correct5 += (top5 == labels[:, None]).any(1).sum().item()
-        total += len(labels)
-    c1, c5, n, s = _all_reduce([correct1, correct5, total, skipped], session.device)
-    if s > spec.data.max_skipped_fraction * split.samples:  # every rank sees the same sums: all stop together
-        raise too_many_skipped(f"{int(s)} of the {split.samples} samples of the val split",
-                               spec.data.max_skipped_fraction, spec.data.path)
-    model.train()
-    return {"val_top1": c1 / n if n else 0.0, "val_top5": c5 / n if n else 0.0, "val_samples": int(n),
-            "val_skipped": int(s)}
+# ---- set-up and resume ----------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One start of a run: the parts ``set_up`` builds, which the epochs share and update."""
+
+    spec: JobSpec
+    session: Session
+    store: RunStore
+    train_split: SplitInfo
+    val_split: SplitInfo | None
+    model: torch.nn.Module  # the weights: checkpoints, evaluation, the summary
+    train_model: torch.nn.Module  # what the steps run: the model, wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    state: ckpt.TrainState
+    meter: NullMetrics  # or a WorkerMetrics serving Prometheus
+    attempt: int  # starts of the worker group before this one
+    use_bf16: bool
+    channels_last: bool
+    preempted: bool = False  # a node announced it is going: its checkpoint is taken, no more checks
+
+    @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world(self) -> int:
+        return self.session.world_size
+
+    def agree(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks; every rank must call it at the same point."""
+        return _all_reduce(values, self.session.device)
 
 
-# ---- the loop -----------------------------------------------------------------------------------
-
-def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
-    t, d = spec.train, spec.data
-    _configure_determinism(spec)
-    rank, world = session.rank, session.world_size
-    store = RunStore(run_dir)
-    on_gpu = session.device.type == "cuda"
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
-    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and on_gpu)
-
+def _load_splits(spec: JobSpec) -> tuple[SplitInfo, SplitInfo | None]:
+    d = spec.data
     manifest = load_manifest(d.path)
     train_split = split_info(d.path, manifest, d.train_split, d.verify_shards)
     val_split = split_info(d.path, manifest, d.val_split, d.verify_shards) if d.val_split else None
     num_classes = spec.model.num_classes or train_split.num_classes
     if num_classes != train_split.num_classes:
-        raise ValueError(f"model.num_classes: {num_classes} but the dataset has {train_split.num_classes} classes")
+        raise SpecError(f"model.num_classes: {num_classes} but the dataset has {train_split.num_classes} classes")
+    return train_split, val_split
 
+
+def _build(spec: JobSpec, session: Session, train_split: SplitInfo, channels_last: bool):
+    """A fresh model, its optimizer and schedule, and the state of a run at its first step."""
+    t, d = spec.train, spec.data
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(spec.model.name, num_classes, spec.model.width, **model_kwargs(spec))
+    model = build_model(spec.model.name, train_split.num_classes, spec.model.width, **model_kwargs(spec))
     model.to(session.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     base_lr = t.lr * (t.global_batch_size / t.base_batch_size if t.lr_scaling == "linear" else 1.0)
     optimizer = torch.optim.SGD(param_groups(model, spec), lr=base_lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay)
     steps_per_epoch = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, 0).steps
     schedule = LRSchedule(spec, base_lr, steps_per_epoch)
-    state = ckpt.TrainState(identity=identity(spec), world_size=world,
-                            model={"name": spec.model.name, "num_classes": num_classes, "width": spec.model.width,
-                                   "kwargs": model_kwargs(spec), "classes": list(train_split.class_names),
-                                   "image_size": d.image_size, "eval_resize": d.eval_resize})
+    state = ckpt.TrainState(identity=identity(spec), world_size=session.world_size,
+                            model={"name": spec.model.name, "num_classes": train_split.num_classes,
+                                   "width": spec.model.width, "kwargs": model_kwargs(spec),
+                                   "classes": list(train_split.class_names), "image_size": d.image_size,
+                                   "eval_resize": d.eval_resize})
+    return model, optimizer, schedule, state, steps_per_epoch
 
-    # the newest checkpoint every rank can use, skipping damaged ones (and clearing killed workers' scratch)
+
+def _resume(spec: JobSpec, session: Session, store: RunStore, model, optimizer,
+            schedule: LRSchedule) -> ckpt.TrainState | None:
+    """Load the newest checkpoint every rank can use (skipping damaged ones, clearing killed
+    workers' scratch) and seed this rank's RNG; returns the resumed state, or None for a fresh start."""
+    t, rank, world = spec.train, session.rank, session.world_size
     restored = store.resume_point(session.latest_checkpoint(), session.checkpoint_prefix, rank, world,
                                   lambda values: _all_reduce(values, session.device))
-    if restored is not None:
-        with restored as directory:
-            state = ckpt.load_state(directory)
-            check_resumed_identity(state.identity, spec)
-            model.load_state_dict(ckpt.load_tensors(directory, "model.pt", session.device))
-            optimizer.load_state_dict(ckpt.load_tensors(directory, "optimizer.pt", session.device))
-            schedule.load_state_dict(state.schedule)
-            rng = ckpt.load_rng(directory, rank)
-            if rng is not None and state.world_size == world:
-                ckpt.set_rng_state(rng)
-            else:
-                torch.manual_seed(t.seed * 1000 + rank + state.global_step)
-        state.world_size = world
-        if rank == 0:
-            log.warning("resumed from step %d (epoch %d, step %d of it)", state.global_step, state.epoch,
-                        state.step_in_epoch)
-    else:
+    if restored is None:
         if spec.finetune.from_checkpoint:  # a fresh fine-tuning run; a resumed one has its own weights
             load_backbone(model, spec)
         torch.manual_seed(t.seed * 1000 + rank)  # dropout differs per rank, reproducibly
-    attempt = store.begin_attempt(rank, resumed_from=state.global_step if restored else None)
-    attempt = int(_all_reduce([attempt], session.device)[0])  # rank 0 counted the starts; every rank labels with it
-    meter = worker_metrics(spec, rank, world, attempt, steps_per_epoch, session.device,
-                           on_ray=isinstance(session, RaySession))
+        return None
+    with restored as directory:
+        state = ckpt.load_state(directory)
+        check_resumed_identity(state.identity, spec)
+        model.load_state_dict(ckpt.load_tensors(directory, "model.pt", session.device))
+        optimizer.load_state_dict(ckpt.load_tensors(directory, "optimizer.pt", session.device))
+        schedule.load_state_dict(state.schedule)
+        rng = ckpt.load_rng(directory, rank)
+        if rng is not None and state.world_size == world:
+            ckpt.set_rng_state(rng)
+        else:
+            torch.manual_seed(t.seed * 1000 + rank + state.global_step)
+    state.world_size = world
+    if rank == 0:
+        log.warning("resumed from step %d (epoch %d, step %d of it)", state.global_step, state.epoch,
+                    state.step_in_epoch)
+    return state
 
+
+def _wrap(model: torch.nn.Module, spec: JobSpec, session: Session) -> torch.nn.Module:
+    """The model as the steps run it: in DDP across ranks (with bf16 gradients if asked), compiled if asked."""
     train_model = model
-    if world > 1:
+    if session.world_size > 1:
+        on_gpu = session.device.type == "cuda"
         train_model = DistributedDataParallel(model, device_ids=[session.device.index] if on_gpu else None)
-        if t.grad_compression == "bf16":
+        if spec.train.grad_compression == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    if t.compile:
+    if spec.train.compile:
         train_model = torch.compile(train_model)
+    return train_model
+
+
+def set_up(spec: JobSpec, run_dir: str, session: Session) -> Run:
+    """Build the model, optimizer and schedule, resume from the run's checkpoints, record this start."""
+    t = spec.train
+    _configure_determinism(spec)
+    store = RunStore(run_dir)
+    on_gpu = session.device.type == "cuda"
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and on_gpu)
+    train_split, val_split = _load_splits(spec)
+    model, optimizer, schedule, state, steps_per_epoch = _build(spec, session, train_split, channels_last)
+    resumed = _resume(spec, session, store, model, optimizer, schedule)
+    state = resumed or state
+    attempt = store.begin_attempt(session.rank, resumed_from=resumed.global_step if resumed else None)
+    attempt = int(_all_reduce([attempt], session.device)[0])  # rank 0 counted the starts; every rank labels with it
+    meter = worker_metrics(spec, session.rank, session.world_size, attempt, steps_per_epoch, session.device,
+                           on_ray=isinstance(session, RaySession))
+    train_model = _wrap(model, spec, session)
     model.train()
+    return Run(spec, session, store, train_split, val_split, model, train_model, optimizer, schedule, state, meter,
+               attempt, use_bf16, channels_last)
 
-    writer = ckpt.BackgroundWriter(on_written=meter.checkpoint_written)
 
-    def save_checkpoint(metrics: dict, now: bool = False) -> None:
-        """Snapshot now, write on a thread, report to Ray at the next step (writer.finish).
+# ---- an epoch -------------------------------------------------------------------------------------
 
-        ``now``: write, upload and report before returning (a node is about to go)."""
-        state.schedule = schedule.state_dict()
-        state.metrics = metrics
-        directory = store.scratch_dir("ckpt")  # the run's own scratch: a killed worker's is cleared at the next start
-        name = store.checkpoint_name(state.epoch, state.global_step, attempt)
-        report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
-        writer.start(directory, rank, state, model.state_dict() if rank == 0 else None,
-                     optimizer.state_dict() if rank == 0 else None,
-                     lambda: session.save_checkpoint(directory, name, report, spec.checkpoint.async_upload and not now),
-                     spec.debug.checkpoint_delay)
-        if now:
-            writer.finish()
+@dataclass
+class EpochOutcome:
+    plan: EpochPlan
+    skipped: int  # samples this rank could not read or decode
+    finished: bool  # train.max_steps reached: the run ends after this epoch
 
-    try:
-        finished, preempted = False, False
-        for epoch in range(state.epoch, t.epochs):
-            plan = plan_epoch(list(train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
-            start_step = state.step_in_epoch if epoch == state.epoch else 0
-            state.epoch, state.step_in_epoch = epoch, start_step
-            window_start, window_images, loss_sum, loss_count, skipped = time.perf_counter(), 0, 0.0, 0, 0
-            sample_log: list[dict] = []
-            rank_samples, loss_value = plan.steps * (t.global_batch_size // world), math.nan
-            for batch in meter.timed(train_batches(train_split, plan, world, rank, start_step, t.seed, d.image_size,
-                                                   d.shuffle_block, d.num_workers, d.lighting_std, d.min_crop_area)):
-                # Ranks decide together whether to step and whether to stop (one small all-reduce per
-                # step): a rank that skipped alone would leave the others waiting in DDP's all-reduce.
-                skipped += batch.skipped
-                over_limit = skipped > d.max_skipped_fraction * rank_samples
-                found = [len(batch.labels)] + [skipped if r == rank and over_limit else 0 for r in range(world)]
-                found = _all_reduce(found, session.device) if world > 1 else found
-                over = [r for r in range(world) if found[1 + r]]
-                if over:
-                    who = f"rank {over[0]} reads" if len(over) == 1 else f"ranks {', '.join(map(str, over))} read"
-                    raise too_many_skipped(f"at step {batch.step} of epoch {epoch}, {int(sum(found[1:]))} of the "
-                                           f"{rank_samples * len(over)} samples {who} in the epoch",
-                                           d.max_skipped_fraction, d.path)
-                lr = schedule.lr(epoch, batch.step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
-                labels = batch.labels.to(session.device, non_blocking=True)
-                if found[0]:  # with no sample on any rank, no step: weight decay and momentum would still move
-                    images = batch.images.to(session.device, non_blocking=True)
-                    x = to_model_input(images, batch.alphas if d.lighting_std > 0 else None, channels_last)
-                    with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = train_model(x)
-                        # an empty batch here still joins DDP's gradient all-reduce, with zeros rather than NaN
-                        loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                # Publish the last checkpoint once every rank has written it; ranks agree on the step,
-                # since Ray's report is a barrier. Training never waits for a write in progress.
-                if writer.busy and _all_reduce([float(writer.written)], session.device)[0] == world:
-                    writer.finish()
-                if found[0]:
-                    optimizer.step()
 
-                state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
-                state.samples_seen += t.global_batch_size
-                window_images += len(labels)
-                if len(labels):
-                    loss_value = loss.item()
-                    loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                meter.trained(len(labels), loss_value, lr, epoch, state.global_step, batch.skipped)
-                if spec.debug.sample_log:
-                    sample_log.append({"step": batch.step, "keys": batch.keys})
-                if spec.debug.step_delay:
-                    time.sleep(spec.debug.step_delay)
+class _ProgressWindow:
+    """Images and losses since the last progress line, summed over the ranks when it is written."""
 
-                at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
-                if state.global_step % t.log_every == 0 or at_end:
-                    elapsed = time.perf_counter() - window_start
-                    images_total, loss_total, loss_n = _all_reduce([window_images, loss_sum, loss_count], session.device)
-                    metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
-                               "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
-                               "images_per_s": images_total / max(1e-9, elapsed), "attempt": attempt}
-                    state.metrics = metrics
-                    if rank == 0:
-                        store.write_progress(metrics)
-                    window_start, window_images, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
-                every = spec.checkpoint.every_steps
-                if every and state.global_step % every == 0 and not at_end:
-                    store.flush_sample_log(rank, world, epoch, sample_log, attempt)
-                    sample_log = []
-                    save_checkpoint(state.metrics)
-                check = spec.failure.preemption_check_steps
-                if check and state.global_step % check == 0 and not at_end and not preempted:
-                    preempted = bool(session.preemption_notice())
-                    if preempted:  # a spot reclaim or a drain: keep this step's work before the node goes
-                        if rank == 0:
-                            log.warning("a node of this run is being preempted: checkpointing at step %d now",
-                                        state.global_step)
-                        store.flush_sample_log(rank, world, epoch, sample_log, attempt)
-                        sample_log = []
-                        save_checkpoint(state.metrics, now=True)
-                if state.global_step == t.max_steps:
-                    finished = True
-                    break
-            store.flush_sample_log(rank, world, epoch, sample_log, attempt)
-            epoch_done = state.step_in_epoch == plan.steps
-            metrics = dict(state.metrics)
-            if epoch_done and val_split is not None:
-                metrics.update(evaluate(model, spec, val_split, session, use_bf16, channels_last))
-                meter.evaluated(metrics)
-                schedule.end_epoch(metrics["val_top1"])
-                if metrics["val_top1"] > state.best_top1:
-                    state.best_top1 = metrics["val_top1"]
-                    if rank == 0:
-                        store.write_best(model.state_dict(), state, metrics)
-            if epoch_done:
-                skipped_total, = _all_reduce([skipped], session.device)
-                metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
-                                "corrupt_skipped": int(skipped_total)})
-                state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5",
-                                                                   "images_per_s", "epoch_samples_used",
-                                                                   "epoch_samples_dropped", "corrupt_skipped")})
-                state.epoch, state.step_in_epoch = epoch + 1, 0
-                if rank == 0:
-                    log.warning("epoch %d: loss %.4f, val top-1 %s, %d samples used, %d dropped", epoch,
-                                metrics.get("loss", float("nan")), metrics.get("val_top1"), plan.used, plan.dropped)
-            save_checkpoint(metrics)
-            if finished:
+    def __init__(self):
+        self.start, self.images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, images: int, loss: float | None) -> None:
+        self.images += images
+        if loss is not None:
+            self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+
+    def report(self, run: Run, epoch: int, plan: EpochPlan, lr: float) -> None:
+        state = run.state
+        elapsed = time.perf_counter() - self.start
+        images_total, loss_total, loss_n = run.agree([self.images, self.loss_sum, self.loss_count])
+        state.metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
+                         "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
+                         "images_per_s": images_total / max(1e-9, elapsed), "attempt": run.attempt}
+        if run.rank == 0:
+            run.store.write_progress(state.metrics)
+
+
+def _agree_to_step(run: Run, batch, epoch: int, skipped: int, rank_samples: int) -> bool:
+    """Whether any rank has samples for this step; fails every rank together when one skipped too many.
+
+    One small all-reduce per step: a rank that skipped alone would leave the others waiting in
+    DDP's all-reduce."""
+    rank, world, d = run.rank, run.world, run.spec.data
+    over_limit = skipped > d.max_skipped_fraction * rank_samples
+    found = [len(batch.labels)] + [skipped if r == rank and over_limit else 0 for r in range(world)]
+    found = run.agree(found) if world > 1 else found
+    over = [r for r in range(world) if found[1 + r]]
+    if over:
+        who = f"rank {over[0]} reads" if len(over) == 1 else f"ranks {', '.join(map(str, over))} read"
+        raise too_many_skipped(f"at step {batch.step} of epoch {epoch}, {int(sum(found[1:]))} of the "
+                               f"{rank_samples * len(over)} samples {who} in the epoch",
+                               d.max_skipped_fraction, d.path)
+    return bool(found[0])
+
+
+def _step(run: Run, batch, any_samples: bool, checkpoints: CheckpointManager) -> torch.Tensor | None:
+    """Forward, backward and the optimizer step; the loss, or None when this rank had no sample."""
+    device, lighting = run.session.device, run.spec.data.lighting_std > 0
+    labels = batch.labels.to(device, non_blocking=True)
+    loss = None
+    if any_samples:  # with no sample on any rank, no step: weight decay and momentum would still move
+        images = batch.images.to(device, non_blocking=True)
+        x = to_model_input(images, batch.alphas if lighting else None, run.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            logits = run.train_model(x)
+            # an empty batch here still joins DDP's gradient all-reduce, with zeros rather than NaN
+            loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    checkpoints.maybe_publish()
+    if any_samples:
+        run.optimizer.step()
+    return loss if len(labels) else None
+
+
+def _checkpoint_if_due(run: Run, epoch: int, at_end: bool, checkpoints: CheckpointManager,
+                       hooks: DebugHooks) -> None:
+    """Every ``checkpoint.every_steps``, and at once when a node of the run is being preempted."""
+    state, spec = run.state, run.spec
+    every = spec.checkpoint.every_steps
+    if every and state.global_step % every == 0 and not at_end:
+        hooks.flush_samples(epoch)
+        checkpoints.save(state.metrics)
+    check = spec.failure.preemption_check_steps
+    if check and state.global_step % check == 0 and not at_end and not run.preempted:
+        run.preempted = bool(run.session.preemption_notice())
+        if run.preempted:  # a spot reclaim or a drain: keep this step's work before the node goes
+            if run.rank == 0:
+                log.warning("a node of this run is being preempted: checkpointing at step %d now", state.global_step)
+            hooks.flush_samples(epoch)
+            checkpoints.save(state.metrics, now=True)
+
+
+def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks: DebugHooks) -> EpochOutcome:
+    """This rank's steps of ``epoch``, from where the run stands in it, until its end or ``max_steps``."""
+    t, d, state = run.spec.train, run.spec.data, run.state
+    plan = plan_epoch(list(run.train_split.sizes), t.global_batch_size, d.streams, t.seed, epoch)
+    start_step = state.step_in_epoch if epoch == state.epoch else 0
+    state.epoch, state.step_in_epoch = epoch, start_step
+    window, skipped, finished = _ProgressWindow(), 0, False
+    rank_samples, loss_value = plan.steps * (t.global_batch_size // run.world), math.nan
+    for batch in run.meter.timed(train_batches(run.train_split, plan, run.world, run.rank, start_step, t.seed,
+                                               d.image_size, d.shuffle_block, d.num_workers, d.lighting_std,
+                                               d.min_crop_area)):
+        skipped += batch.skipped
+        any_samples = _agree_to_step(run, batch, epoch, skipped, rank_samples)
+        lr = run.schedule.lr(epoch, batch.step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
+        loss = _step(run, batch, any_samples, checkpoints)
+        state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
+        state.samples_seen += t.global_batch_size
+        if loss is not None:
+            loss_value = loss.item()
+        window.add(len(batch.labels), None if loss is None else loss_value)
+        run.meter.trained(len(batch.labels), loss_value, lr, epoch, state.global_step, batch.skipped)
+        hooks.after_step(batch.step, batch.keys)
+        at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
+        if state.global_step % t.log_every == 0 or at_end:
+            window.report(run, epoch, plan, lr)
+            window = _ProgressWindow()
+        _checkpoint_if_due(run, epoch, at_end, checkpoints, hooks)
+        if state.global_step == t.max_steps:
+            finished = True
+            break
+    hooks.flush_samples(epoch)
+    return EpochOutcome(plan, skipped, finished)
+
+
+def validate(run: Run) -> dict:
+    """Exact top-1/top-5 over the val split: every sample counted once, on exactly one rank."""
+    spec, session, d = run.spec, run.session, run.spec.data
+    split = run.val_split
+    batches = eval_batches(split, run.world, run.rank, d.image_size, d.eval_resize,
+                           batch_size=max(1, spec.train.global_batch_size // run.world),
+                           num_workers=d.num_workers, ten_crop=d.ten_crop)
+    counts = count_predictions(run.model, batches, run.train_split.num_classes, session.device, run.channels_last,
+                               run.use_bf16)
+    c1, c5, n, s = run.agree([counts.correct_top1, counts.correct_top5, counts.samples, counts.skipped])
+    if s > d.max_skipped_fraction * split.samples:  # every rank sees the same sums: all stop together
+        raise too_many_skipped(f"{int(s)} of the {split.samples} samples of the val split",
+                               d.max_skipped_fraction, d.path)
+    run.model.train()
+    return {"val_top1": c1 / n if n else 0.0, "val_top5": c5 / n if n else 0.0, "val_samples": int(n),
+            "val_skipped": int(s)}
+
+
+def end_epoch(run: Run, epoch: int, outcome: EpochOutcome) -> dict:
+    """After a complete epoch: evaluate, step the schedule, keep the best model, record the
+    epoch's history; the metrics for the checkpoint that follows (the last step's if incomplete)."""
+    state, plan = run.state, outcome.plan
+    metrics = dict(state.metrics)
+    if state.step_in_epoch != plan.steps:  # stopped by train.max_steps
+        return metrics
+    if run.val_split is not None:
+        metrics.update(validate(run))
+        run.meter.evaluated(metrics)
+        run.schedule.end_epoch(metrics["val_top1"])
+        if metrics["val_top1"] > state.best_top1:
+            state.best_top1 = metrics["val_top1"]
+            if run.rank == 0:
+                run.store.write_best(run.model.state_dict(), state, metrics)
+    skipped_total, = run.agree([outcome.skipped])
+    metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
+                    "corrupt_skipped": int(skipped_total)})
+    state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5", "images_per_s",
+                                                       "epoch_samples_used", "epoch_samples_dropped",
+                                                       "corrupt_skipped")})
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    if run.rank == 0:
+        log.warning("epoch %d: loss %.4f, val top-1 %s, %d samples used, %d dropped", epoch,
+                    metrics.get("loss", float("nan")), metrics.get("val_top1"), plan.used, plan.dropped)
+    return metrics
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
+    """Train this rank's share of the run to its end; rank 0 returns the run's summary, the others {}."""
+    run = set_up(spec, run_dir, session)
+    hooks = DebugHooks(spec.debug, run.store, run.rank, run.world, run.attempt)
+    with CheckpointManager(session, run.store, run.state, run.model, run.optimizer, run.schedule,
+                           attempt=run.attempt, agree=run.agree, async_upload=spec.checkpoint.async_upload,
+                           delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written) as checkpoints:
+        for epoch in range(run.state.epoch, spec.train.epochs):
+            outcome = train_one_epoch(run, epoch, checkpoints, hooks)
+            checkpoints.save(end_epoch(run, epoch, outcome))
+            if outcome.finished:
                 break
-
-        writer.finish()
-    finally:
-        writer.abandon()  # a run failing mid-write: never leave the thread writing at exit
-    meter.close()
-    summary = None
-    if rank == 0:
-        weights = model.state_dict()
-        summary = store.write_summary(spec, state, weights, attempt)
-    return summary or {}
+        checkpoints.finish()
+    run.meter.close()
+    return run.store.write_summary(spec, run.state, run.model.state_dict(), run.attempt) if run.rank == 0 else {}
 
 
 def train_func(config: dict) -> None:
@@ -409,25 +495,3 @@ def train_func(config: dict) -> None:
 def run_local(spec: JobSpec, run_dir: str) -> dict:
     """The same loop in this process, without Ray (debugging, GPU benchmarks on a machine without Ray)."""
     return train_loop(spec, run_dir, LocalSession(run_dir, spec.checkpoint.keep))
-
-
-def weights_sha256(state_dict: dict) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def summary_of(spec: JobSpec, state: ckpt.TrainState, weights: dict, attempt: int, wall_seconds: float) -> dict:
-    last = state.history[-1] if state.history else {}
-    return {"run_name": spec.run.name, "epochs": state.epoch, "steps": state.global_step,
-            "samples": state.samples_seen, "top1": last.get("val_top1"), "top5": last.get("val_top5"),
-            "best_top1": state.best_top1 if state.best_top1 >= 0 else None,
-            "images_per_s": state.metrics.get("images_per_s"), "wall_seconds": wall_seconds,
-            "restarts": attempt, "final_weights_sha256": weights_sha256(weights), "history": state.history,
-            "model": state.model}
-

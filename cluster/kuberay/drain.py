@@ -18,6 +18,7 @@ remaining steps still run: a hook that dies early would only leave Ray to be kil
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -79,8 +80,6 @@ def run(deadline_s: int, *, node_id_fn=local_node_id, drain_fn=drain, alive_fn=a
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--deadline", type=int, required=True,
                    help="seconds Ray is told it has before the node goes (below terminationGracePeriodSeconds)")

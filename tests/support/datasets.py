@@ -32,7 +32,6 @@ __all__ = [
     "ExtraFile",
     "IMAGENET_FIRST_SYNSETS",
     "VALID_EXTRA_KINDS",
-    "digits_imagefolder",
     "make_imagenet_layout",
     "make_kaggle_val_layout",
     "render_photo",
@@ -616,9 +615,3 @@ def write_digits_dataset(root: str | Path, train_per_class: int, val_per_class: 
     names = [str(d) for d in sorted(range(10) if classes is None else set(classes))]
     return DatasetInfo(root=Path(root), classes=names, splits=splits, synsets={n: n for n in names},
                        layout="imagefolder")
-
-
-def digits_imagefolder(root: str | Path, train_per_class: int, val_per_class: int, size: int = 32,
-                       seed: int = 0) -> DatasetInfo:
-    """Alias of ``write_digits_dataset``."""
-    return write_digits_dataset(root, train_per_class, val_per_class, size=size, seed=seed)

@@ -1,0 +1,76 @@
+"""The training loop's checkpoint protocol: snapshot, write on a thread, publish when every rank has written.
+
+A checkpoint is taken in three moves, so training never waits for a disk or an upload:
+
+1. ``save``: the state is snapshotted (a memory copy) and each rank's part is written to the run's
+   local scratch by ``BackgroundWriter``'s thread while the steps go on;
+2. ``maybe_publish``, at the same point of every step on every rank: the ranks sum ``written``
+   (one small all-reduce, only while a checkpoint is in flight), and once all have written it is
+   published (Ray's report, a barrier, or the move into ``{run_dir}/checkpoints/``);
+3. ``finish`` at the end of the run waits for the last one and publishes it.
+
+A run that fails mid-write leaves through ``close`` (or the ``with`` block), which waits for the
+thread without publishing: a half-taken checkpoint never becomes the one a restart resumes from.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .runstore import RunStore
+
+
+class CheckpointManager:
+    """``session``: where checkpoints are published (``Session.save_checkpoint``); ``agree(values)``
+    sums ``values`` over the ranks; ``state`` is the run's ``TrainState``, updated in place by the
+    loop and recorded (with the schedule's state) at each ``save``."""
+
+    def __init__(self, session, store: RunStore, state: ckpt.TrainState, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, schedule, *, attempt: int,
+                 agree: Callable[[list[float]], list[float]], async_upload: bool, delay: float = 0.0,
+                 on_written: Callable[[float, int], None] | None = None):
+        self.session, self.store, self.state = session, store, state
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.attempt, self.agree, self.async_upload, self.delay = attempt, agree, async_upload, delay
+        self.writer = ckpt.BackgroundWriter(on_written=on_written)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def save(self, metrics: dict, now: bool = False) -> None:
+        """Snapshot now and write on the thread; published by a later ``maybe_publish`` or ``finish``.
+
+        ``now``: write, upload and publish before returning (a node is about to go)."""
+        state, rank = self.state, self.session.rank
+        state.schedule = self.schedule.state_dict()
+        state.metrics = metrics
+        directory = self.store.scratch_dir("ckpt")  # the run's scratch: a killed worker's is cleared at the next start
+        name = self.store.checkpoint_name(state.epoch, state.global_step, self.attempt)
+        report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
+        upload_async = self.async_upload and not now
+        self.writer.start(directory, rank, state, self.model.state_dict() if rank == 0 else None,
+                          self.optimizer.state_dict() if rank == 0 else None,
+                          lambda: self.session.save_checkpoint(directory, name, report, upload_async), self.delay)
+        if now:
+            self.writer.finish()
+
+    def maybe_publish(self) -> None:
+        """Publish the checkpoint in flight if every rank has written it. Every rank must call this
+        at the same point of the same steps: the ranks agree on the step, since Ray's report is a
+        barrier. Training never waits for a write in progress."""
+        if self.writer.busy and self.agree([float(self.writer.written)])[0] == self.session.world_size:
+            self.writer.finish()
+
+    def finish(self) -> None:
+        """Wait for the checkpoint in flight and publish it (the run's last)."""
+        self.writer.finish()
+
+    def close(self) -> None:
+        """Wait for a write in progress without publishing it: never leave the thread writing at exit."""
+        self.writer.abandon()

@@ -1,0 +1,40 @@
+"""``spec.debug``: aids for tests and diagnosis, called by the training loop at fixed points.
+
+- after each step: record the step's sample keys (``sample_log``), then sleep ``step_delay``
+  (tests that kill a run mid-epoch need the epoch to last);
+- at each checkpoint and at the end of each epoch: write the recorded keys to the run directory;
+- ``checkpoint_delay``: how long the checkpoint writer waits before marking a checkpoint complete
+  (the window crash tests kill it in).
+
+None of them changes what is trained: the same weights come out with or without them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from alexray_core.spec import DebugSpec
+
+from .runstore import RunStore
+
+
+class DebugHooks:
+    def __init__(self, debug: DebugSpec, store: RunStore, rank: int, world_size: int, attempt: int):
+        self.debug, self.store = debug, store
+        self.rank, self.world_size, self.attempt = rank, world_size, attempt
+        self.samples: list[dict] = []  # this rank's steps since the last flush
+
+    @property
+    def checkpoint_delay(self) -> float:
+        return self.debug.checkpoint_delay
+
+    def after_step(self, step: int, keys: list[str]) -> None:
+        if self.debug.sample_log:
+            self.samples.append({"step": step, "keys": keys})
+        if self.debug.step_delay:
+            time.sleep(self.debug.step_delay)
+
+    def flush_samples(self, epoch: int) -> None:
+        """Write the keys recorded since the last flush (nothing without ``sample_log``)."""
+        self.store.flush_sample_log(self.rank, self.world_size, epoch, self.samples, self.attempt)
+        self.samples = []
