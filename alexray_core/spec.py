@@ -40,6 +40,10 @@ class DataSpec:
     streams: int = 8  # fixed partitions of each epoch; must divide the global batch (world-size independent)
     shuffle_block: int = 1000  # samples shuffled together within a stream (memory: this many raw JPEGs)
     num_workers: int = 2  # decoding threads per training worker (1 at least); evaluation's DataLoader processes
+    # data.decode may change on resume (it is not in run_identity): both paths draw the same samples and crops.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # JPEGs: cpu (data threads), gpu (nvJPEG), auto (gpu on CUDA)
+    # gpu on a CPU-only worker runs the device path on the CPU (what the tests check); auto falls back to cpu
+    # when the GPU decoder does not work, gpu then fails at set-up naming the problem.
     image_size: int = 224  # side of the square crops fed to the model
     min_crop_area: float = 0.08  # RandomResizedCrop's smallest crop, as a fraction of the image area
     eval_resize: int = 256  # short side before the centre crop at evaluation
@@ -113,9 +117,64 @@ class DebugSpec:
 
 @dataclass
 class FinetuneSpec:
-    from_checkpoint: str | None = None  # checkpoint or run dir (local, s3://) to start from; None: from scratch
+    # What a fresh run starts from (None: from scratch): an alexray checkpoint or run dir (local, s3://);
+    # torchvision:NAME, torchvision's ImageNet weights for its model NAME (alexnet for model.name alexnet_tv)
+    # from the hub cache, never downloaded; or a local .pth state dict of the model the spec builds.
+    from_checkpoint: str | None = None
     freeze_features: bool = False  # keep the convolutional layers as loaded; only the classifier trains
     backbone_lr_mult: float = 1.0  # lr of the convolutional layers as a fraction of the schedule's (e.g. 0.1)
+
+
+TORCHVISION_SOURCE = "torchvision:"
+STATE_DICT_SUFFIX = ".pth"
+
+
+def torchvision_source(source: str | None) -> str | None:
+    """NAME of a ``torchvision:NAME`` source, else None."""
+    if source and source.startswith(TORCHVISION_SOURCE):
+        return source[len(TORCHVISION_SOURCE):].strip()
+    return None
+
+
+def is_state_dict_file(source: str | None) -> bool:
+    """Whether a source names a bare ``.pth`` state dict rather than an alexray checkpoint."""
+    return (bool(source) and torchvision_source(source) is None
+            and source.rstrip("/").lower().endswith(STATE_DICT_SUFFIX))
+
+
+def torchvision_model_name(torchvision_name: str) -> str:
+    """alexray's model.name for a torchvision model: its own name, but alexnet_tv for torchvision's AlexNet
+    (alexray's alexnet is the paper's network, whose layers differ)."""
+    return "alexnet_tv" if torchvision_name == "alexnet" else torchvision_name
+
+
+def _check_weights_source(spec: JobSpec) -> None:
+    """A torchvision:NAME or .pth source suits the spec's model, as far as can be told without torch."""
+    source, m = spec.finetune.from_checkpoint, spec.model
+    field_ = f"finetune.from_checkpoint: {source}"
+    name = torchvision_source(source)
+    if name is None:
+        if source.startswith("s3://"):
+            raise SpecError(f"{field_}: a .pth state dict is read from a local path; copy it to the nodes "
+                            "and give that path")
+        if m.name == "alexnet":
+            raise SpecError(f"{field_}: a .pth state dict holds a torchvision-built model, and the spec's "
+                            "model.name alexnet is the paper's network, whose layers differ; set model.name: "
+                            "alexnet_tv (torchvision's AlexNet), or start from an alexray checkpoint")
+        return
+    if not name:
+        raise SpecError(f"{field_}: names no model; write torchvision:NAME, e.g. torchvision:alexnet")
+    if name == "alexnet_tv":
+        raise SpecError(f"{field_}: torchvision calls its AlexNet alexnet; write torchvision:alexnet")
+    wanted = torchvision_model_name(name)
+    if m.name != wanted:
+        also = " (torchvision's AlexNet; alexnet is the paper's network, whose layers differ)" if name == "alexnet" \
+            else ""
+        raise SpecError(f"{field_}: these are torchvision's weights for its {name} but the spec builds {m.name}; "
+                        f"set model.name: {wanted}{also}")
+    if m.width != 1.0:
+        raise SpecError(f"{field_}: torchvision's weights are for the full-width model but the spec has "
+                        f"model.width {m.width}; set model.width: 1.0")
 
 
 @dataclass
@@ -374,7 +433,11 @@ def validate(spec: JobSpec) -> JobSpec:
                         f"got {spec.failure.preemption_check_steps}")
     f = spec.finetune
     if f.from_checkpoint is not None and not f.from_checkpoint.strip():
-        raise SpecError("finetune.from_checkpoint: empty; give a checkpoint or run directory, or null for scratch")
+        raise SpecError("finetune.from_checkpoint: empty; give a checkpoint or run directory, torchvision:NAME, "
+                        "a .pth file, or null for scratch")
+    if f.from_checkpoint and (torchvision_source(f.from_checkpoint) is not None
+                              or is_state_dict_file(f.from_checkpoint)):
+        _check_weights_source(spec)
     if not 0 < f.backbone_lr_mult <= 10:
         raise SpecError(f"finetune.backbone_lr_mult: must be in (0, 10], got {f.backbone_lr_mult} "
                         "(to keep the layers fixed, set finetune.freeze_features: true)")

@@ -25,7 +25,7 @@ commands:
   dashboard           a local web page that plots the same figures live from Prometheus
   evaluate CKPT       top-1/top-5 of a checkpoint on a dataset's val shards
   predict CKPT IMG... top-5 classes of new images
-  finetune SPEC.yaml  train a new classifier from a trained checkpoint's backbone (--from CKPT)
+  finetune SPEC.yaml  train a new classifier on a trained backbone (--from CKPT, WEIGHTS.pth or torchvision:NAME)
   export CKPT         a standalone TorchScript/ONNX model file, optionally int8-quantised
 
 Run 'alexray COMMAND --help' for a command's options.

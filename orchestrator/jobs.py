@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO
 
 from alexray_core import runs
-from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict
+from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict, torchvision_source
 from data_prep.errors import ShardError
 from data_prep.storage import open_storage
 
@@ -124,7 +124,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     check_secure(address, insecure)
     spec.data.path = _absolute(spec.data.path)
     spec.run.storage = _absolute(spec.run.storage)
-    if spec.finetune.from_checkpoint:
+    if spec.finetune.from_checkpoint and torchvision_source(spec.finetune.from_checkpoint) is None:
         spec.finetune.from_checkpoint = _absolute(spec.finetune.from_checkpoint)
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from alexray_core import runs
 from alexray_core.runs import COMPLETE, MODEL_FILES, checkpoint_candidates
-from alexray_core.spec import JobSpec, SpecError, check_same_job
+from alexray_core.spec import JobSpec, SpecError, check_same_job, is_state_dict_file, torchvision_source
 from data_prep.errors import ShardError
 from data_prep.manifest import check_dataset as check
 from data_prep.storage import is_s3_url, open_storage
@@ -133,16 +133,36 @@ def _complete_problem(storage, prefix: str, where: str) -> str | None:
     return None
 
 
+def _check_weights_file(source: str, field: str) -> str:
+    """A ``.pth`` state dict is a readable file here. Its layers are checked on the workers: that
+    needs torch, which submitting does not."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise JobError(f"{field}: {path} does not exist or is not a file; pass the path of a .pth state dict")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise JobError(f"{field}: {path} is not readable here ({e.strerror}); fix its permissions") from None
+    return str(path)
+
+
 def check_finetune_source(spec: JobSpec) -> str | None:
     """``finetune.from_checkpoint`` is a complete checkpoint of the model the spec builds, or a run
     directory holding one, readable from here as the run storage is; returns its address.
 
-    Nothing of it is downloaded but ``complete.json`` and ``state.json``.
+    Nothing of it is downloaded but ``complete.json`` and ``state.json``. ``torchvision:NAME`` was
+    matched to ``model.name`` when the spec was validated; its file is looked up in each node's torch
+    hub cache by the workers, as only torchvision knows its name. A ``.pth`` file must be readable here.
     """
     source = spec.finetune.from_checkpoint
     if not source:
         return None
     field = "finetune.from_checkpoint"
+    if torchvision_source(source) is not None:
+        return source
+    if is_state_dict_file(source):
+        return _check_weights_file(source, field)
     base = source.rstrip("/")
     if not is_s3_url(base) and Path(base).is_file():  # a file of a checkpoint names its directory
         base = str(Path(base).parent)

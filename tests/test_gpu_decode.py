@@ -1,5 +1,6 @@
 """The device decode path against the CPU path: same samples, keys, labels, boxes, flips and lighting
-draws, pixels within a measured tolerance, corrupt samples handled the same way.
+draws, pixels within a measured tolerance, corrupt samples handled the same way; ``data.decode``
+through the training loop, and the loop's device->host reads.
 
 Everything runs with ``device="cpu"`` (torchvision's libjpeg-turbo decoder stands in for nvJPEG);
 on a machine with CUDA the comparisons run on the GPU as well.
@@ -18,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from alexray_core.spec import SpecError, load_spec
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
-from workers import gpu_decode
+from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
+from workers import evaluation, gpu_decode, train
 from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
-from workers.gpu_decode import (DeviceStage, HeaderLoader, crop_resize, decode_jpegs, decode_on_device, gpu_eval_batches,
-                                gpu_train_batches, jpeg_header)
+from workers.gpu_decode import (DeviceStage, HeaderLoader, crop_resize, decode_jpegs, decode_on_device,
+                                gpu_eval_batches, gpu_train_batches, jpeg_header)
+from workers.launch import prepare_run
 from workers.sampling import plan_epoch, rank_slices
 from workers.transforms import image_size
 
@@ -238,12 +242,50 @@ def test_jpeg_header_reads_the_frame_without_decoding(tmp_path):
     assert (jpeg_header(truncated).width, jpeg_header(truncated).height) == image_size(truncated)
 
 
-def test_decode_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decode_on_device("auto", cuda) and not decode_on_device("auto", cpu)
-    assert decode_on_device("gpu", cpu) and not decode_on_device("cpu", cuda)
+@pytest.fixture
+def decoder_probe(monkeypatch):
+    """The device decoder's probe, its answers forgotten before and after the test."""
+    gpu_decode.device_decoder_problem.cache_clear()
+    yield
+    gpu_decode.device_decoder_problem.cache_clear()
+
+
+def test_decode_choice(decoder_probe, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not decode_on_device("auto", cpu) and not decode_on_device("cpu", cuda)
+    assert decode_on_device("gpu", cpu)  # a CPU-only worker runs the device path on the CPU
     with pytest.raises(ValueError, match="data.decode: 'nvjpeg' is not one of auto, cpu, gpu"):
         decode_on_device("nvjpeg", cpu)
+    with pytest.raises(SpecError, match="data.decode: 'nvjpeg' is not one of auto, cpu, gpu"):
+        load_spec({"data": {"path": "/data/shards"}}, ["data.decode=nvjpeg"])
+    assert load_spec({"data": {"path": "/data/shards"}}, []).data.decode == "auto"
+    # a CUDA device whose decoder works (a stand-in: this machine may have no GPU)
+    real = gpu_decode.decode_jpeg
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", lambda data, device, **kw: real(data, **kw))
+    assert decode_on_device("auto", cuda) and decode_on_device("gpu", cuda)
+
+
+def test_a_device_without_a_working_decoder_falls_back_or_is_refused(decoder_probe, monkeypatch, caplog):
+    """auto decodes on the CPU when the GPU's decoder does not work; gpu is refused at set-up in one
+    line naming the problem and the fix, not left to decode every image twice."""
+    def no_nvjpeg(data, device=None, **kwargs):
+        if torch.device(device).type == "cuda":
+            raise RuntimeError("torchvision.io.decode_jpeg: not compiled with nvJPEG support\ndetails")
+        return real(data, device=device, **kwargs)
+
+    real = gpu_decode.decode_jpeg
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", no_nvjpeg)
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="workers.gpu_decode"):
+        assert not decode_on_device("auto", cuda)
+    assert "data.decode: auto decodes on the CPU: the JPEG decoder does not work on cuda:0" in caplog.text
+    with pytest.raises(SpecError) as refused:
+        decode_on_device("gpu", cuda)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("data.decode: gpu, but the JPEG decoder does not work on cuda:0")
+    assert "not compiled with nvJPEG support" in message and message.endswith("set data.decode: cpu (or auto, "
+                                                                              "which falls back to it)")
+    assert decode_on_device("gpu", torch.device("cpu"))  # the CPU's decoder still works
 
 
 # ---- the crop ---------------------------------------------------------------------------------------
@@ -306,3 +348,121 @@ def test_device_stage_raises_the_workers_error_and_stops_when_left_early():
     assert [int(next(stage)["x"][0]) for _ in range(3)] == [0, 1, 2]
     stage.close()
     assert closed.wait(10)  # the worker closed its source: no thread left reading shards
+
+
+# ---- through the training loop ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """120 train samples (3 steps of 32 per epoch), 40 val samples, 10 classes."""
+    return sharded_digits(tmp_path_factory.mktemp("decode-digits"), train_per_class=12, val_per_class=4)
+
+
+def _recording(monkeypatch) -> dict[str, list]:
+    """What the training loop was handed by each loader: (path, epoch, step, keys, labels) per training
+    batch, (path, labels) per evaluation batch."""
+    seen: dict[str, list] = {"train": [], "eval": []}
+
+    def wrap(module, name, kind):
+        real = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            for batch in real(*args, **kwargs):
+                if kind == "train":
+                    assert batch.images.dtype == torch.uint8  # normalised once, by the loop
+                    seen["train"].append((name, args[1].epoch, batch.step, list(batch.keys), batch.labels.tolist()))
+                else:
+                    assert batch["images"].dtype == torch.uint8
+                    seen["eval"].append((name, batch["labels"].tolist()))
+                yield batch
+
+        monkeypatch.setattr(module, name, recorded)
+
+    wrap(train, "train_batches", "train")
+    wrap(train, "gpu_train_batches", "train")
+    wrap(evaluation, "eval_batches", "eval")
+    wrap(evaluation, "gpu_eval_batches", "eval")
+    return seen
+
+
+def _train(spec_path: Path, *overrides: str) -> tuple[dict, Path]:
+    spec = load_spec(spec_path, list(overrides))
+    run_dir = prepare_run(spec)
+    return train.run_local(spec, run_dir), Path(run_dir)
+
+
+def _steps_logged(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(epoch, step) -> keys, from the sample log; a step logged twice must be logged the same."""
+    steps: dict[tuple[int, int], list[str]] = {}
+    for path in sorted((run_dir / "samples").glob("*.json")):
+        for entry in read_json(path):
+            key = (int(path.name[1:5]), entry["step"])
+            assert steps.setdefault(key, entry["keys"]) == entry["keys"]
+    return steps
+
+
+@pytest.mark.slow  # five short training runs: about 30 s
+def test_training_decodes_on_either_path_with_the_same_samples_and_a_resume_may_switch(digits, tmp_path,
+                                                                                       monkeypatch):
+    """data.decode=gpu (the device path, here on the CPU) trains on the samples, labels and steps of
+    data.decode=cpu, evaluates the same labels, and a run started on one path resumes on the other
+    with every sample of each epoch used exactly once."""
+    monkeypatch.setenv("ALEXRAY_METRICS", "0")
+    spec_path = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"), debug={"sample_log": True},
+                           data={"lighting_std": 0.1}, checkpoint={"every_steps": 2}, scaling={"num_workers": 1})
+    seen = _recording(monkeypatch)
+    runs = {}
+    for decode in ("cpu", "gpu"):
+        summary, run_dir = _train(spec_path, f"run.name={decode}", f"data.decode={decode}")
+        assert summary["steps"] == 2 * 3
+        runs[decode] = (dict(seen), _steps_logged(run_dir))
+        seen["train"], seen["eval"] = [], []
+    (cpu, cpu_log), (gpu, gpu_log) = runs["cpu"], runs["gpu"]
+    assert {r[0] for r in cpu["train"]} == {"train_batches"} and {r[0] for r in gpu["train"]} == {"gpu_train_batches"}
+    assert [r[1:] for r in cpu["train"]] == [r[1:] for r in gpu["train"]] and len(cpu["train"]) == 6
+    assert cpu_log == gpu_log and len(cpu_log) == 6
+    assert {r[0] for r in cpu["eval"]} == {"eval_batches"} and {r[0] for r in gpu["eval"]} == {"gpu_eval_batches"}
+    labels = lambda records: sorted(label for _, batch in records for label in batch)  # noqa: E731
+    assert labels(cpu["eval"]) == labels(gpu["eval"]) and len(labels(cpu["eval"])) == 2 * 40
+
+    # started on the CPU path, stopped mid-epoch 0, resumed on the device path (and back for epoch 1)
+    first, _ = _train(spec_path, "run.name=switched", "data.decode=cpu", "train.max_steps=2")
+    assert first["steps"] == 2
+    resumed, switched = _train(spec_path, "run.name=switched", "data.decode=gpu", "train.max_steps=4")
+    assert resumed["steps"] == 4 and resumed["restarts"] == 1
+    finished, _ = _train(spec_path, "run.name=switched", "data.decode=cpu")
+    assert finished["steps"] == 6 and finished["restarts"] == 2
+    assert [r[0] for r in seen["train"]] == ["train_batches"] * 2 + ["gpu_train_batches"] * 2 + ["train_batches"] * 2
+    assert _steps_logged(switched) == cpu_log
+    log = sample_log(switched)
+    assert set(log) == {0, 1} and all(len(log[e]) == 3 * 32 and max(log[e].values()) == 1 for e in log)
+
+
+@pytest.mark.slow  # a short training run: about 8 s
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_steps_read_nothing_back_from_the_device_between_progress_lines(digits, tmp_path, monkeypatch, decode):
+    """A read of a device tensor (``item``, ``tolist``) waits for the device to finish its queued work:
+    with one rank, steps that write no progress line make none (the loss is read with the line)."""
+    monkeypatch.setenv("ALEXRAY_METRICS", "0")
+    reads, boundaries = [], []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step, epoch = train._step, train.train_one_epoch
+    monkeypatch.setattr(train, "_step", lambda *a: (boundaries.append(len(reads)), step(*a))[1])
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a: (epoch(*a), boundaries.append(len(reads)))[0])
+    spec_path = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"), scaling={"num_workers": 1},
+                           data={"val_split": None, "lighting_std": 0.1}, checkpoint={"every_steps": 0},
+                           train={"epochs": 1, "global_batch_size": 16, "log_every": 4})
+    summary, run_dir = _train(spec_path, f"data.decode={decode}")
+    assert summary["steps"] == 7 and len(boundaries) == 8
+    per_step = [b - a for a, b in zip(boundaries, boundaries[1:])]
+    assert [n for i, n in enumerate(per_step, 1) if i not in (4, 7)] == [0] * 5, per_step
+    assert 1 <= per_step[3] <= 2 and 1 <= per_step[6] <= 2 and "item" not in reads[boundaries[0]:]  # the lines
+    assert read_json(run_dir / "progress.json")["step"] == 7

@@ -400,13 +400,17 @@ class ThreadedTrainLoader:
         self.closed = False
         self.error: BaseException | None = None
 
+    def _new_buffer(self, step: int) -> _StepBuffer:
+        """The empty buffer of ``step`` that every thread fills its rows of (subclasses fill other kinds)."""
+        return _StepBuffer(step, self.offsets[-1], self.image_size, len(self.slices))
+
     def _claim(self, step: int) -> _StepBuffer | None:
         with self.cond:
             self.cond.wait_for(lambda: self.closed or step < self.next_step + self.prefetch)
             if self.closed:
                 return None
             if step not in self.buffers:
-                self.buffers[step] = _StepBuffer(step, self.offsets[-1], self.image_size, len(self.slices))
+                self.buffers[step] = self._new_buffer(step)
             return self.buffers[step]
 
     def _work(self, owned: list[int]) -> None:

@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from .data import SplitInfo, eval_batches
+from .gpu_decode import gpu_eval_batches
 from .models import class_probabilities
 
 
@@ -35,11 +37,23 @@ class EvalCounts:
         return int(self.top5_hits.sum())
 
 
+def evaluation_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, resize: int, batch_size: int,
+                       num_workers: int, ten_crop: bool = False, on_device: bool = False,
+                       device: torch.device = torch.device("cpu")) -> Iterable[dict]:
+    """The rank's share of ``split`` as ``count_predictions`` takes it: decoded by ``eval_batches``'
+    processes, or with ``on_device`` (``data.decode`` resolved by ``gpu_decode.decode_on_device``)
+    by ``gpu_eval_batches`` on ``device``. The same dicts either way: uint8 images, host labels."""
+    if on_device:
+        return gpu_eval_batches(split, world_size, rank, image_size, resize, batch_size, ten_crop, device)
+    return eval_batches(split, world_size, rank, image_size, resize, batch_size, num_workers, ten_crop)
+
+
 @torch.no_grad()
 def count_predictions(model: torch.nn.Module, batches: Iterable[dict], num_classes: int,
                       device: torch.device = torch.device("cpu"), channels_last: bool = False,
                       use_bf16: bool = False, progress: Callable[[int], None] | None = None) -> EvalCounts:
-    """Counts over ``batches`` (``eval_batches``' dicts) with the model in eval mode.
+    """Counts over ``batches`` (``evaluation_batches``' dicts, images on the host or on ``device``)
+    with the model in eval mode.
 
     ``progress(n)`` is called after each batch with the samples it held, skipped ones included.
     """

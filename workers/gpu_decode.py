@@ -18,6 +18,8 @@ OpenCV; what OpenCV refuses too is skipped and counted, like on the CPU path.
 
 from __future__ import annotations
 
+import functools
+import logging
 import queue
 import threading
 import warnings
@@ -27,14 +29,17 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
+
+from alexray_core.spec import SpecError
 
 from .data import Batch, SplitInfo, ThreadedTrainLoader, _skip, eval_segments, read_segments, sample_parts
 from .sampling import EpochPlan, RankSlice, rank_slices
 from .transforms import (_MAX_PIXELS, CorruptSample, _decode_region, eval_boxes, eval_image, lighting_alphas,
                          random_resized_crop_box, train_image)
 
+log = logging.getLogger(__name__)
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 # Frames the device decoder handles: baseline, extended and progressive Huffman, 8 bits.
 _DEVICE_FRAMES = (0xC0, 0xC1, 0xC2)
@@ -45,11 +50,44 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-def decode_on_device(choice: str, device: torch.device) -> bool:
-    """``data.decode``: auto decodes on the device when it is a GPU."""
+def decode_on_device(choice: str, device: torch.device | str) -> bool:
+    """``data.decode`` resolved for training (or evaluating) on ``device``: whether batches come from
+    this module.
+
+    ``cpu``: never. ``auto``: on a CUDA device whose JPEG decoder works, else the CPU path (with a
+    warning when a GPU's decoder does not work). ``gpu``: whatever the device, so on a CPU-only
+    worker this module runs on the CPU (torchvision's libjpeg-turbo decoder stands in for nvJPEG:
+    what the tests check); a SpecError naming the problem when the device's decoder does not work,
+    rather than a run that decodes every image a second time on the CPU.
+    """
     if choice not in DECODE_CHOICES:
         raise ValueError(f"data.decode: {choice!r} is not one of {', '.join(DECODE_CHOICES)}")
-    return choice == "gpu" or (choice == "auto" and torch.device(device).type == "cuda")
+    device = torch.device(device)
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return False
+    problem = device_decoder_problem(str(_indexed(device)))
+    if problem is None:
+        return True
+    if choice == "gpu":
+        raise SpecError(f"data.decode: gpu, but {problem}; set data.decode: cpu (or auto, which falls back to it)")
+    log.warning("data.decode: auto decodes on the CPU: %s", problem)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def device_decoder_problem(device: str) -> str | None:
+    """Why ``decode_jpeg`` cannot decode on ``device`` (a torchvision built without nvJPEG, a driver
+    too old for it), or None when it decodes a small JPEG there correctly."""
+    probe = torch.zeros((3, 16, 16), dtype=torch.uint8)
+    probe[0] = 200
+    try:
+        data = encode_jpeg(probe, quality=95)
+        decoded = decode_jpeg([data], mode=ImageReadMode.RGB, device=torch.device(device))[0]
+        if tuple(decoded.shape) != (3, 16, 16) or abs(int(decoded[0].float().mean().item()) - 200) > 8:
+            return f"the JPEG decoder on {device} returned wrong pixels"
+    except Exception as e:  # noqa: BLE001 - whatever the reason, the answer is: not on this device
+        return f"the JPEG decoder does not work on {device} ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
+    return None
 
 
 def _indexed(device) -> torch.device:
@@ -230,14 +268,8 @@ class _HeaderBuffer:
 class HeaderLoader(ThreadedTrainLoader):
     """``ThreadedTrainLoader``'s streams, steps and threads, with header parsing in place of decoding."""
 
-    def _claim(self, step: int) -> _HeaderBuffer | None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.closed or step < self.next_step + self.prefetch)
-            if self.closed:
-                return None
-            if step not in self.buffers:
-                self.buffers[step] = _HeaderBuffer(step, self.offsets[-1], len(self.slices))
-            return self.buffers[step]
+    def _new_buffer(self, step: int) -> _HeaderBuffer:
+        return _HeaderBuffer(step, self.offsets[-1], len(self.slices))
 
     def _fill(self, buffer: _HeaderBuffer, cursor, step: int, sl: RankSlice, offset: int) -> int:
         host, skipped = buffer.host, 0
@@ -388,7 +420,11 @@ def gpu_train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: 
                       image_size: int, shuffle_block: int, num_workers: int, lighting_std: float = 0.0,
                       min_crop_area: float = 0.08, prefetch: int = 2, device: torch.device | str = "cuda",
                       max_elements: int = 1 << 25) -> Iterator[Batch]:
-    """``data.train_batches`` decoded on ``device``: the same batches, keys, labels and draws."""
+    """``data.train_batches`` decoded on ``device``: the same batches, keys, labels and draws.
+
+    The uint8 images, labels and lighting draws arrive on ``device``; lighting and normalisation
+    are left to ``transforms.to_model_input``, as for ``train_batches``' batches.
+    """
     device = _indexed(device)
     headers = HeaderLoader(split, plan, rank_slices(plan, world_size, rank), start_step, seed, image_size,
                            shuffle_block, num_workers, lighting_std, min_crop_area, prefetch)
@@ -447,7 +483,7 @@ def eval_host_batches(split: SplitInfo, segments, image_size: int, resize: int, 
 
 def augment_eval(host: HostEvalBatch, size: int, resize: int, ten_crop: bool, device: torch.device,
                  max_elements: int = 1 << 25) -> dict:
-    """``eval_batches``' dict for one HostEvalBatch, the images on ``device``."""
+    """``eval_batches``' dict for one HostEvalBatch, the uint8 images on ``device``."""
     crops_per_image = 5 if ten_crop else 1
     rows = [i for i, data in enumerate(host.jpegs) if data is not None]
     decoded = decode_jpegs([host.jpegs[i] for i in rows], device)
@@ -480,8 +516,9 @@ def augment_eval(host: HostEvalBatch, size: int, resize: int, ten_crop: bool, de
     valid = [i for i, k in enumerate(keep) if k]
     if len(valid) < len(keep):
         images = images.index_select(0, _upload(np.array(valid, np.int64), device))
+    # Labels stay on the host, as eval_batches' do: the counts are made there.
     labels = torch.tensor([host.labels[i] for i in valid], dtype=torch.long)
-    return {"images": images, "labels": labels.to(device), "skipped": skipped}
+    return {"images": images, "labels": labels, "skipped": skipped}
 
 
 def gpu_eval_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, resize: int, batch_size: int,

@@ -35,7 +35,7 @@ class NullMetrics:
     def timed(self, batches):
         return batches
 
-    def trained(self, images: int, loss: float, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
+    def trained(self, images: int, loss: float | None, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
         pass
 
     def evaluated(self, results: dict) -> None:
@@ -64,7 +64,8 @@ class WorkerMetrics(NullMetrics):
                                   buckets=STEP_BUCKETS)
         self._wait = make(Counter, "alexray_train_data_wait_seconds",
                           "Time spent waiting for the next batch from the data loader")
-        self._loss = make(Gauge, "alexray_train_loss", "Training loss of the last step (this worker's batch)")
+        self._loss = make(Gauge, "alexray_train_loss",
+                          "Training loss of the last logged step (this worker's batch; every train.log_every steps)")
         self._lr = make(Gauge, "alexray_train_learning_rate", "Learning rate of the last step")
         self._epoch = make(Gauge, "alexray_train_epoch", "Epoch in progress (from 0)")
         self._step = make(Gauge, "alexray_train_step", "Training steps completed in the run (global step)")
@@ -128,9 +129,11 @@ class WorkerMetrics(NullMetrics):
             if close is not None:
                 close()
 
-    def trained(self, images: int, loss: float, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
+    def trained(self, images: int, loss: float | None, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
+        """One step's figures; ``loss`` None: not read this step (the loop reads it every train.log_every)."""
         self._images.inc(images)
-        self._loss.set(loss)
+        if loss is not None:
+            self._loss.set(loss)
         self._lr.set(lr)
         self._epoch.set(epoch)
         self._step.set(step)

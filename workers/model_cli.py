@@ -68,11 +68,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
     elif command == "finetune":
-        p = argparse.ArgumentParser(prog=prog, description="Train a new classifier on a trained checkpoint's backbone: "
-                                    "everything else as in 'alexray train'.")
+        p = argparse.ArgumentParser(prog=prog, description="Train a new classifier on a trained backbone (a checkpoint "
+                                    "or torchvision's ImageNet weights): everything else as in 'alexray train'.")
         p.add_argument("spec", metavar="SPEC.yaml", help="job spec for the new dataset (see examples/ and the README)")
         p.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
-                       help="checkpoint or run directory (local or s3://) whose backbone starts the run")
+                       help="checkpoint or run directory (local or s3://) whose backbone starts the run; or "
+                       "torchvision:NAME, torchvision's ImageNet weights from the torch hub cache (never downloaded; "
+                       "torchvision:alexnet for model.name alexnet_tv); or a .pth state dict of the spec's model")
         p.add_argument("--freeze-features", action="store_true", help="keep the convolutional layers fixed")
         p.add_argument("--backbone-lr-mult", type=float, default=None, metavar="X",
                        help="lr of the convolutional layers as a fraction of the schedule's (e.g. 0.1)")
@@ -199,19 +201,22 @@ def _finetune(args, prog: str) -> int:
     from data_prep.storage import is_s3_url
 
     from .cli import main as train_main
-    from alexray_core.spec import load_spec
-    from .finetune import check_source
+    from alexray_core.spec import load_spec, torchvision_source
+    from .finetune import check_source, check_weights_source
     from .inference import checkpoint_info
 
-    source = args.source if is_s3_url(args.source) else os.path.abspath(os.path.expanduser(args.source))
+    source = args.source
+    if not is_s3_url(source) and torchvision_source(source) is None:
+        source = os.path.abspath(os.path.expanduser(source))
     overrides = [*args.overrides, f"finetune.from_checkpoint={json.dumps(source)}"]
     if args.freeze_features:
         overrides.append("finetune.freeze_features=true")
     if args.backbone_lr_mult is not None:
         overrides.append(f"finetune.backbone_lr_mult={args.backbone_lr_mult}")
     spec = load_spec(args.spec, overrides)
-    info, where = checkpoint_info(source)  # refused here, before any Ray worker starts
-    check_source(info, spec, where)
+    if check_weights_source(spec) is None:  # refused here, before any Ray worker starts
+        info, where = checkpoint_info(source)
+        check_source(info, spec, where)
     train_argv = [args.spec, *[arg for item in overrides for arg in ("--set", item)]]
     if args.address:
         train_argv += ["--address", args.address]

@@ -14,6 +14,7 @@ window's sums, then per epoch the val counts and the skipped total.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,9 +32,10 @@ from alexray_core.spec import JobSpec, SpecError, spec_from_dict
 from alexray_core.spec import check_resumed_identity
 from alexray_core.spec import run_identity as identity
 from .checkpointing import CheckpointManager
-from .data import SplitInfo, eval_batches, load_manifest, split_info, too_many_skipped, train_batches
-from .evaluation import count_predictions
+from .data import SplitInfo, load_manifest, split_info, too_many_skipped, train_batches
+from .evaluation import count_predictions, evaluation_batches
 from .finetune import load_backbone, param_groups
+from .gpu_decode import decode_on_device, gpu_train_batches
 from .hooks import DebugHooks
 from .metrics import NullMetrics, worker_metrics
 from .models import build_model, model_kwargs
@@ -185,6 +187,7 @@ class Run:
     attempt: int  # starts of the worker group before this one
     use_bf16: bool
     channels_last: bool
+    device_decode: bool  # data.decode resolved: batches decoded by gpu_decode on the device
     preempted: bool = False  # a node announced it is going: its checkpoint is taken, no more checks
 
     @property
@@ -283,6 +286,7 @@ def set_up(spec: JobSpec, run_dir: str, session: Session) -> Run:
     on_gpu = session.device.type == "cuda"
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and on_gpu)
+    device_decode = decode_on_device(spec.data.decode, session.device)  # before any work: gpu may be refused
     train_split, val_split = _load_splits(spec)
     model, optimizer, schedule, state, steps_per_epoch = _build(spec, session, train_split, channels_last)
     resumed = _resume(spec, session, store, model, optimizer, schedule)
@@ -294,7 +298,7 @@ def set_up(spec: JobSpec, run_dir: str, session: Session) -> Run:
     train_model = _wrap(model, spec, session)
     model.train()
     return Run(spec, session, store, train_split, val_split, model, train_model, optimizer, schedule, state, meter,
-               attempt, use_bf16, channels_last)
+               attempt, use_bf16, channels_last, device_decode)
 
 
 # ---- an epoch -------------------------------------------------------------------------------------
@@ -307,19 +311,39 @@ class EpochOutcome:
 
 
 class _ProgressWindow:
-    """Images and losses since the last progress line, summed over the ranks when it is written."""
+    """Images and losses since the last progress line, summed over the ranks when it is written.
+
+    The losses stay on the device until the line is due: reading one (``loss.item()``) waits for
+    the step to finish, which on a GPU would keep the host from queueing the next step's work.
+    They are summed in float64, the sum a host loop over ``item()`` makes, so the line is the same.
+    """
 
     def __init__(self):
-        self.start, self.images, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
+        self.start, self.images, self.loss_count = time.perf_counter(), 0, 0
+        self.sum_on_device: torch.Tensor | None = None
+        self.last_on_device: torch.Tensor | None = None
+        self.loss_sum, self.last_loss = 0.0, None  # as read by read_losses
 
-    def add(self, images: int, loss: float | None) -> None:
+    def add(self, images: int, loss: torch.Tensor | None) -> None:
         self.images += images
         if loss is not None:
-            self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+            loss = loss.detach().double()
+            self.sum_on_device = loss if self.sum_on_device is None else self.sum_on_device + loss
+            self.last_on_device = loss
+            self.loss_count += 1
+
+    def read_losses(self) -> float | None:
+        """Bring the window's losses to the host (one sync); the last step's, or None when none was had."""
+        if self.sum_on_device is not None:
+            total, self.last_loss = torch.stack([self.sum_on_device, self.last_on_device]).tolist()
+            self.loss_sum += total
+            self.sum_on_device = self.last_on_device = None
+        return self.last_loss
 
     def report(self, run: Run, epoch: int, plan: EpochPlan, lr: float) -> None:
         state = run.state
         elapsed = time.perf_counter() - self.start
+        self.read_losses()
         images_total, loss_total, loss_n = run.agree([self.images, self.loss_sum, self.loss_count])
         state.metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
                          "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
@@ -336,6 +360,8 @@ def _agree_to_step(run: Run, batch, epoch: int, skipped: int, rank_samples: int)
     rank, world, d = run.rank, run.world, run.spec.data
     over_limit = skipped > d.max_skipped_fraction * rank_samples
     found = [len(batch.labels)] + [skipped if r == rank and over_limit else 0 for r in range(world)]
+    # With several ranks this reads the sums back to the host every step: the one device->host sync
+    # a step keeps, since every rank must know before stepping whether any rank has samples.
     found = run.agree(found) if world > 1 else found
     over = [r for r in range(world) if found[1 + r]]
     if over:
@@ -384,6 +410,17 @@ def _checkpoint_if_due(run: Run, epoch: int, at_end: bool, checkpoints: Checkpoi
             checkpoints.save(state.metrics, now=True)
 
 
+def _train_batches(run: Run, plan: EpochPlan, start_step: int):
+    """The rank's batches of the epoch from ``start_step``, decoded where ``data.decode`` says: the
+    same samples, keys, labels and draws either way, uint8 images that ``_step`` normalises."""
+    t, d = run.spec.train, run.spec.data
+    args = (run.train_split, plan, run.world, run.rank, start_step, t.seed, d.image_size, d.shuffle_block,
+            d.num_workers, d.lighting_std, d.min_crop_area)
+    if run.device_decode:
+        return gpu_train_batches(*args, device=run.session.device)
+    return train_batches(*args)
+
+
 def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks: DebugHooks) -> EpochOutcome:
     """This rank's steps of ``epoch``, from where the run stands in it, until its end or ``max_steps``."""
     t, d, state = run.spec.train, run.spec.data, run.state
@@ -391,31 +428,31 @@ def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks:
     start_step = state.step_in_epoch if epoch == state.epoch else 0
     state.epoch, state.step_in_epoch = epoch, start_step
     window, skipped, finished = _ProgressWindow(), 0, False
-    rank_samples, loss_value = plan.steps * (t.global_batch_size // run.world), math.nan
-    for batch in run.meter.timed(train_batches(run.train_split, plan, run.world, run.rank, start_step, t.seed,
-                                               d.image_size, d.shuffle_block, d.num_workers, d.lighting_std,
-                                               d.min_crop_area)):
-        skipped += batch.skipped
-        any_samples = _agree_to_step(run, batch, epoch, skipped, rank_samples)
-        lr = run.schedule.lr(epoch, batch.step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
-        loss = _step(run, batch, any_samples, checkpoints)
-        state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
-        state.samples_seen += t.global_batch_size
-        if loss is not None:
-            loss_value = loss.item()
-        window.add(len(batch.labels), None if loss is None else loss_value)
-        run.meter.trained(len(batch.labels), loss_value, lr, epoch, state.global_step, batch.skipped)
-        hooks.after_step(batch.step, batch.keys)
-        at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
-        if state.global_step % t.log_every == 0 or at_end:
-            window.report(run, epoch, plan, lr)
-            window = _ProgressWindow()
-        _checkpoint_if_due(run, epoch, at_end, checkpoints, hooks)
-        if state.global_step == t.max_steps:
-            finished = True
-            break
+    rank_samples = plan.steps * (t.global_batch_size // run.world)
+    with contextlib.closing(run.meter.timed(_train_batches(run, plan, start_step))) as batches:
+        for batch in batches:
+            skipped += batch.skipped
+            any_samples = _agree_to_step(run, batch, epoch, skipped, rank_samples)
+            lr = run.schedule.lr(epoch, batch.step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_mult", 1.0)  # fine-tuning's slower backbone
+            loss = _step(run, batch, any_samples, checkpoints)
+            state.step_in_epoch, state.global_step = batch.step + 1, state.global_step + 1
+            state.samples_seen += t.global_batch_size
+            window.add(len(batch.labels), loss)
+            at_end = state.step_in_epoch == plan.steps or state.global_step == t.max_steps
+            due = state.global_step % t.log_every == 0 or at_end
+            # The loss gauge moves at the progress lines' cadence: between them it keeps its value.
+            run.meter.trained(len(batch.labels), window.read_losses() if due else None, lr, epoch,
+                              state.global_step, batch.skipped)
+            hooks.after_step(batch.step, batch.keys)
+            if due:
+                window.report(run, epoch, plan, lr)
+                window = _ProgressWindow()
+            _checkpoint_if_due(run, epoch, at_end, checkpoints, hooks)
+            if state.global_step == t.max_steps:
+                finished = True
+                break
     hooks.flush_samples(epoch)
     return EpochOutcome(plan, skipped, finished)
 
@@ -424,9 +461,10 @@ def validate(run: Run) -> dict:
     """Exact top-1/top-5 over the val split: every sample counted once, on exactly one rank."""
     spec, session, d = run.spec, run.session, run.spec.data
     split = run.val_split
-    batches = eval_batches(split, run.world, run.rank, d.image_size, d.eval_resize,
-                           batch_size=max(1, spec.train.global_batch_size // run.world),
-                           num_workers=d.num_workers, ten_crop=d.ten_crop)
+    batches = evaluation_batches(split, run.world, run.rank, d.image_size, d.eval_resize,
+                                 batch_size=max(1, spec.train.global_batch_size // run.world),
+                                 num_workers=d.num_workers, ten_crop=d.ten_crop, on_device=run.device_decode,
+                                 device=session.device)
     counts = count_predictions(run.model, batches, run.train_split.num_classes, session.device, run.channels_last,
                                run.use_bf16)
     c1, c5, n, s = run.agree([counts.correct_top1, counts.correct_top5, counts.samples, counts.skipped])

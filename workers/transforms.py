@@ -14,6 +14,7 @@ averaging, so it does not alias.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -172,16 +173,22 @@ def lighting_alphas(rng: np.random.Generator, std: float) -> np.ndarray:
     return rng.normal(0.0, std, size=3).astype(np.float32) if std > 0 else np.zeros(3, np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _constants(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """PCA eigenvectors and eigenvalues, mean and std on ``device``, made once: building them each
+    step would be a blocking host-to-device copy per step on a GPU."""
+    return (torch.tensor(PCA_EIGVEC, device=device), torch.tensor(PCA_EIGVAL, device=device),
+            torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None],
+            torch.tensor(IMAGENET_STD, device=device)[None, :, None, None])
+
+
 def to_model_input(images: torch.Tensor, alphas: torch.Tensor | None = None,
                    channels_last: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW (already on the device) -> normalised float, plus PCA lighting when ``alphas`` is given."""
     x = images.to(dtype=torch.float32).div_(255.0)
+    eigvec, eigval, mean, std = _constants(x.device)
     if alphas is not None:
-        eigvec = torch.tensor(PCA_EIGVEC, device=x.device)
-        eigval = torch.tensor(PCA_EIGVAL, device=x.device)
-        shift = (alphas.to(x.device, torch.float32) * eigval) @ eigvec.T  # (N, 3) RGB offsets
+        shift = (alphas.to(x.device, torch.float32, non_blocking=True) * eigval) @ eigvec.T  # (N, 3) RGB offsets
         x.add_(shift[:, :, None, None])
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
     x = x.sub_(mean).div_(std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
