@@ -38,9 +38,12 @@ def test_resuming_by_run_name_continues_mid_epoch_bitwise(digits, tmp_path):
     run_workers(spec, "--set", "run.name=split", "--set", "train.max_steps=9")  # stops mid-epoch 0
     first = read_json(tmp_path / "runs" / "split" / "summary.json")
     assert first["steps"] == 9 and first["epochs"] == 0
+    run_workers(spec, "--set", "run.name=split", "--set", "train.max_steps=9")  # resumed at its end: ends there
+    again = read_json(tmp_path / "runs" / "split" / "summary.json")
+    assert again["steps"] == 9 and again["restarts"] == 1
     run_workers(spec, "--set", "run.name=split")  # same name: resumes at step 9 of epoch 0
     resumed = read_json(tmp_path / "runs" / "split" / "summary.json")
-    assert resumed["steps"] == straight["steps"] and resumed["restarts"] == 1
+    assert resumed["steps"] == straight["steps"] and resumed["restarts"] == 2
     assert resumed["final_weights_sha256"] == straight["final_weights_sha256"]
     for run in ("straight", "split"):
         log = sample_log(tmp_path / "runs" / run)

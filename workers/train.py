@@ -514,6 +514,8 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
                            attempt=run.attempt, agree=run.agree, async_upload=spec.checkpoint.async_upload,
                            delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written) as checkpoints:
         for epoch in range(run.state.epoch, spec.train.epochs):
+            if spec.train.max_steps and run.state.global_step >= spec.train.max_steps:
+                break  # resumed at (or past) max_steps: its checkpoint holds the finished run
             outcome = train_one_epoch(run, epoch, checkpoints, hooks)
             checkpoints.save(end_epoch(run, epoch, outcome))
             if outcome.finished:
