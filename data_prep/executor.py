@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import forkserver
 from typing import Callable, Iterator
 
 from tqdm import tqdm
@@ -93,9 +94,25 @@ class InlineExecutor(Executor):
             yield i, fn(on_sample=on_sample, **kwargs)
 
 
+def _forkserver_context():
+    ctx = mp.get_context("forkserver")
+    # Workers fork from a server that has already imported the sharding code, instead of each
+    # importing it again (a tenth of a second of CPU per worker and run). Only applies to a server
+    # started after this call.
+    ctx.set_forkserver_preload(["__main__", f"{__package__}.pipeline"])
+    return ctx
+
+
+def prepare_workers(workers: int, ray_address: str | None) -> None:
+    """Start local workers' fork server now, so it imports while this process scans SRC."""
+    if workers > 1 and not ray_address:
+        _forkserver_context()
+        forkserver.ensure_running()
+
+
 class ProcessExecutor(Executor):
     def __init__(self, workers: int):
-        ctx = mp.get_context("forkserver")
+        ctx = _forkserver_context()
         self.images = ctx.Value("q", 0)
         self.nbytes = ctx.Value("q", 0)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,

@@ -30,7 +30,7 @@ from pathlib import Path
 from alexray_core.errors import EXIT_FAILED
 
 from .errors import ShardError
-from .executor import Progress, RayExecutor, default_workers, make_executor
+from .executor import Progress, RayExecutor, default_workers, make_executor, prepare_workers
 from .images import REJECT, ImageOptions, probe_image
 from .lease import LEASE_NAME, Lease
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
@@ -198,6 +198,7 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
         raise ShardError(f"DEST {storage.url} is a local directory, which Ray tasks on other machines cannot write to: "
                          "use an s3:// DEST, or pass --shared-fs if DEST is on a file system every node mounts at "
                          "the same path")
+    prepare_workers(config.workers, config.ray_address)
     dataset = scan_source(src, config.splits)
     storage.check_writable()
     lease = Lease.acquire(storage)

@@ -1,12 +1,19 @@
 """Pure functions of data_prep: planning, keys, sizes, options, error wording."""
 
+import io
+import json
+import random
+import struct
+import zlib
 from collections import Counter
 
 import pytest
+from PIL import Image
 
 from data_prep.errors import ShardError
-from data_prep.images import KEEP, RESIZE, ImageOptions, Probe, resized_size
-from data_prep.shards import PlannedSample, estimate_bytes, plan_split, samples_per_shard
+from data_prep import images
+from data_prep.images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, probe_image, resized_size
+from data_prep.shards import PlannedSample, estimate_bytes, plan_split, sample_json, samples_per_shard
 from data_prep.sources import SourceFile, assign_keys
 from data_prep.storage import describe_s3_error, is_transient, split_s3_url
 
@@ -103,3 +110,42 @@ def test_split_names_that_cannot_name_shards_are_refused():
         assert _ours(name), name
     for name in ("notes.txt", "backup.tar", "val-2-00003.tar", ".x-000000.tar"):
         assert not _ours(name), name
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_probe_reads_the_whole_file_when_what_decides_lies_past_the_head(tmp_path):
+    # A clean JPEG whose headers (a 70 KB ICC profile) run past the head the probe reads first.
+    big_header = tmp_path / "icc.JPEG"
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(out, "JPEG", icc_profile=random.Random(0).randbytes(70_000))
+    big_header.write_bytes(out.getvalue())
+    # A PNG whose EXIF (orientation 6: displayed turned, width and height swapped) follows its pixels.
+    late_exif = tmp_path / "late.png"
+    out = io.BytesIO()
+    Image.frombytes("RGB", (240, 180), random.Random(1).randbytes(240 * 180 * 3)).save(out, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes().removeprefix(b"Exif\0\0")
+    png = out.getvalue()
+    end = png.rindex(b"IEND") - 4
+    late_exif.write_bytes(png[:end] + _png_chunk(b"eXIf", payload) + png[end:])
+    assert min(big_header.stat().st_size, late_exif.stat().st_size) > images._HEAD_BYTES
+
+    assert probe_image(str(big_header), ImageOptions()) == Probe(KEEP, width=64, height=48)
+    assert probe_image(str(late_exif), ImageOptions()) == Probe(CONVERT, width=180, height=240)
+
+
+def test_sample_json_is_what_json_dumps_writes():
+    rng = random.Random(2)
+    alphabet = 'aZ09_/. "\\\n\t\x00\x1f\x7f\u00e9\u2028\U0001f600\udcff'
+    for _ in range(2000):
+        class_id = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        source = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        sample = PlannedSample("k", source, rng.randint(0, 20_000), class_id, KEEP, 1, 1, 1)
+        width, height = rng.randint(1, 99_999), rng.randint(1, 99_999)
+        meta = {"class_id": class_id, "class_index": sample.class_index, "source": source, "width": width,
+                "height": height}
+        assert sample_json(sample, width, height) == json.dumps(meta, sort_keys=True).encode()

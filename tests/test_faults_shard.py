@@ -213,6 +213,37 @@ def test_local_shards_are_readable_by_other_users(src, tmp_path):
     assert len(modes) == 7 and set(modes.values()) == {0o644}, modes
 
 
+def test_local_shards_reach_the_disk_before_their_name_and_record_appear(src, tmp_path, monkeypatch):
+    from data_prep.pipeline import ShardConfig, shard_dataset
+
+    events: list[tuple[str, ...]] = []  # appended from the publishing threads, in the order things happen
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, target, **kwargs):
+        events.append(("replace", os.path.realpath(source), os.path.realpath(target)))
+        return real_replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    dest = tmp_path / "shards"
+    shard_dataset(src, str(dest), ShardConfig(shard_size=8, workers=1, progress=False))
+    shards = sorted(p.name for p in dest.glob("*.tar"))
+    assert len(shards) == 6
+
+    def renamed_to(path):
+        return next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(path))
+
+    for name in shards:
+        named = renamed_to(dest / name)
+        staged = events[named][1]  # the partial file renamed to this name
+        assert ("fsync", staged) in events[:named], (name, events)
+        assert renamed_to(dest / "_progress" / f"{name}.json") > named, name  # a record means a shard in place
+
+
 def test_a_local_dest_with_ray_needs_a_shared_file_system(src, tmp_path):
     dest = tmp_path / "shards"
     proc = run_alexray("shard", src, dest, "--ray", "127.0.0.1:9", timeout=60)
