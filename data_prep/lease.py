@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ShardError, StorageError
-from .storage import Storage
+from .storage_api import Storage
 
 log = logging.getLogger(__name__)
 

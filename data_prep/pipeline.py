@@ -38,7 +38,8 @@ from .s3storage import UPLOADS_DIR
 from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, build_shard, plan_split, planned_sample,
                      publish_shard, write_shard)
 from .sources import SourceDataset, scan_source
-from .storage import WRITE_PROBE, LocalStorage, Storage, open_storage
+from .storage import LocalStorage, open_storage
+from .storage_api import WRITE_PROBE, Storage
 
 log = logging.getLogger(__name__)
 SPLIT_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # shard names are {split}-{index:06d}.tar

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from .errors import StorageError
-from .storage import (ObjectInfo, Storage, _unwrap_upload_error, backoff_delay, describe_s3_error, is_transient,
+from .storage_api import (ObjectInfo, Storage, _unwrap_upload_error, backoff_delay, describe_s3_error, is_transient,
                       make_s3_client, retry_transient, split_s3_url)
 
 T = TypeVar("T")

@@ -26,7 +26,7 @@ from .images import (CONVERT, KEEP, RESIZE, ImageOptions, Probe, RejectedImage, 
                      resized_size)
 from .lease import check_holder
 from .sources import Reject
-from .storage import Storage
+from .storage_api import Storage
 
 PROGRESS_DIR = "_progress"
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256  # three headers plus, on average, half a block of padding each

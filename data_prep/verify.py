@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from .executor import Progress
 from .images import ImageOptions, RejectedImage, decode_image, open_image
 from .manifest import MANIFEST_NAME, parse_manifest
-from .storage import Storage, open_storage
+from .storage import open_storage
+from .storage_api import Storage
 
 
 @dataclass

@@ -20,7 +20,8 @@ from alexray_core.runs import COMPLETE, MODEL_FILES, checkpoint_candidates
 from alexray_core.spec import JobSpec, SpecError, check_same_job, is_state_dict_file, torchvision_source
 from data_prep.errors import ShardError
 from data_prep.manifest import check_dataset as check
-from data_prep.storage import is_s3_url, open_storage
+from data_prep.storage import open_storage
+from data_prep.storage_api import is_s3_url
 
 from .rayclient import JobError, client_address, get_json
 

@@ -15,7 +15,7 @@ from data_prep import images
 from data_prep.images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, probe_image, resized_size
 from data_prep.shards import PlannedSample, estimate_bytes, plan_split, sample_json, samples_per_shard
 from data_prep.sources import SourceFile, assign_keys
-from data_prep.storage import describe_s3_error, is_transient, split_s3_url
+from data_prep.storage_api import describe_s3_error, is_transient, split_s3_url
 
 
 def _samples(n, classes=4, size=50_000):

@@ -29,7 +29,8 @@ import torch
 
 from alexray_core import runs
 from alexray_core.errors import AlexrayError
-from data_prep.storage import is_s3_url, open_storage
+from data_prep.storage import open_storage
+from data_prep.storage_api import is_s3_url
 
 from . import checkpoint as ckpt
 from .data import SplitInfo, eval_batches, load_manifest, split_info
@@ -353,7 +354,7 @@ class Prediction:
 
 
 def _s3_inputs(url: str) -> list[tuple[str, Callable[[], bytes]]]:
-    from data_prep.storage import split_s3_url
+    from data_prep.storage_api import split_s3_url
 
     bucket, key = split_s3_url(url)
     root = open_storage(f"s3://{bucket}")

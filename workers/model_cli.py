@@ -198,7 +198,7 @@ def _predict(args, prog: str) -> int:
 
 
 def _finetune(args, prog: str) -> int:
-    from data_prep.storage import is_s3_url
+    from data_prep.storage_api import is_s3_url
 
     from .cli import main as train_main
     from alexray_core.spec import load_spec, torchvision_source
