@@ -129,7 +129,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)
     job_client = client(address, insecure)
-    preflight(spec, address, job_client, check_resources=check_resources)
+    preflight(spec, job_client, check_resources=check_resources)
 
     data = spec.to_dict()
     spec_from_dict(data)  # what the cluster will read back must still be a valid spec

@@ -81,13 +81,13 @@ def cluster_resources(client) -> list[dict]:
     return out
 
 
-def check_cluster(spec: JobSpec, client, address: str | None = None) -> dict:
+def check_cluster(spec: JobSpec, client) -> dict:
     """Enough CPUs (and GPUs) on the alive nodes for the minimum number of workers, each on one node.
 
     Total capacity counts, not what is free now: a job waits for busy resources, but never gets
     ones the cluster does not have. An autoscaling cluster may grow: skip this check for it.
     """
-    address = client_address(client) if not isinstance(client, str) else address or "the cluster"
+    address = client_address(client)
     nodes = cluster_resources(client)
     lo, _ = spec.worker_range()
     cpus = spec.scaling.cpus_per_worker
@@ -200,13 +200,13 @@ def check_finetune_source(spec: JobSpec) -> str | None:
     return where
 
 
-def preflight(spec: JobSpec, address: str, client, *, check_resources: bool = True) -> dict:
+def preflight(spec: JobSpec, client, *, check_resources: bool = True) -> dict:
     """Run every check; returns what was found: ``{"classes", "train_samples", "finetune_source", "cluster"}``."""
     manifest = check_dataset(spec)
     check_run_storage(spec)
     check_run_name(spec)
     source = check_finetune_source(spec)
-    cluster = check_cluster(spec, client, address) if check_resources else None
+    cluster = check_cluster(spec, client) if check_resources else None
     train = (manifest.get("splits") or {}).get(spec.data.train_split) or {}
     return {"classes": manifest.get("num_classes"), "train_samples": train.get("samples"),
             "finetune_source": source, "cluster": cluster}

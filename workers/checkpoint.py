@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from alexray_core.errors import AlexrayError
-from alexray_core.runs import COMPLETE  # noqa: E402 - the layout of a run directory has one owner
+from alexray_core.runs import COMPLETE
 FORMAT_VERSION = 2  # 2: every rank's files recorded (1: rank 0's only)
 
 
