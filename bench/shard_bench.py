@@ -6,9 +6,11 @@
   and 2 workers vs 1;
 - writing to SeaweedFS (S3) vs local disk.
 
-``python -m bench.shard_bench scale [--images 10000 100000]`` runs the ``alexray shard`` command on
-ImageNet-shaped trees from ``bench/imagenet_tree.py`` instead: time, peak memory, time to the first
-shard, manifest size and ``alexray shard verify`` time at each size.
+``python -m bench.shard_bench scale [--images 10000 100000 1000000]`` runs the ``alexray shard`` command
+on ImageNet-shaped trees from ``bench/imagenet_tree.py`` instead: time, peak memory, time to the first
+shard, manifest size and ``alexray shard verify`` time at each size; at ``--resume-at`` sizes the
+pass-through run is also SIGKILLed once half its shards are in DEST and run again (the cost of a
+crash), and at ``--s3-at`` sizes both runs are repeated into a SeaweedFS server started for them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -166,12 +169,22 @@ def _is_forkserver(pid: int) -> bool:
         return False
 
 
-def measure_cli(args: list[str], dest: Path) -> dict:
-    """Run ``alexray ARGS`` and watch it: wall time, time to the first shard in DEST, peak RSS of the
-    command's process and of its largest worker (sampled every 10 ms)."""
+def _tars_in(dest: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(dest) if e.name.endswith(".tar") and not e.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def measure_cli(args: list[str], dest: Path | None, kill_at_shards: int | None = None) -> dict:
+    """Run ``alexray ARGS`` and watch it: wall time, time to the first shard in DEST (a local
+    DEST only), peak RSS of the command's process and of its largest worker (sampled every 10 ms).
+
+    With ``kill_at_shards``, SIGKILL the command and its workers once that many shards are in DEST,
+    as a crash would."""
     alexray = str(Path(sys.executable).with_name("alexray"))
     started = time.perf_counter()
-    proc = subprocess.Popen([alexray, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([alexray, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     first_shard = None
     parent = worker = 0.0
     while proc.poll() is None:
@@ -180,9 +193,13 @@ def measure_cli(args: list[str], dest: Path) -> dict:
             if _is_forkserver(child):
                 for w in _children(child):
                     worker = max(worker, _peak_rss_mb(w) or 0.0)
-        if first_shard is None and dest.is_dir() and any(
-                e.name.endswith(".tar") and not e.name.startswith(".") for e in os.scandir(dest)):
+        shards = _tars_in(dest) if dest is not None and (first_shard is None or kill_at_shards) else 0
+        if first_shard is None and shards:
             first_shard = time.perf_counter() - started
+        if kill_at_shards and shards >= kill_at_shards:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"killed_after_s": round(time.perf_counter() - started, 2), "shards_at_kill": _tars_in(dest)}
         time.sleep(0.01)
     seconds = time.perf_counter() - started
     out, err = proc.communicate()
@@ -193,7 +210,47 @@ def measure_cli(args: list[str], dest: Path) -> dict:
             "stdout": out.decode()}
 
 
-def run_scale(sizes: list[int], workdir: Path, resize: int) -> list[dict]:
+def _read_manifest(dest: str) -> bytes:
+    from data_prep.storage import open_storage
+
+    return open_storage(dest).read_bytes("manifest.json")
+
+
+def measure_mode(n: int, src: Path, dest: str, extra: list[str], resume: bool, verify: bool = True) -> dict:
+    """One sharding of SRC into DEST (local or s3://), its verify, and with ``resume`` a second
+    sharding killed half-way and run again."""
+    local = None if dest.startswith("s3://") else Path(dest)
+    args = ["shard", str(src), dest, "--no-progress", *extra]
+    shard = measure_cli(args, local)
+    print(f"{n} {dest}: {json.dumps({k: v for k, v in shard.items() if k != 'stdout'})}", flush=True)
+    checked = measure_cli(["shard", "verify", dest, "--no-progress"], local) if verify else {"seconds": None}
+    manifest = _read_manifest(dest)
+    totals = json.loads(manifest)["totals"]
+    shard.pop("stdout")
+    row = {**shard, "img_s": round(n / shard["seconds"]), "manifest_kb": round(len(manifest) / 1e3),
+           "shards": totals["shards"], "rejected": totals["rejected"], "verify_s": checked["seconds"]}
+    if resume and local is not None:
+        shutil.rmtree(local)
+        killed = measure_cli(args, local, kill_at_shards=totals["shards"] // 2)
+        again = measure_cli(args, local)
+        if _read_manifest(dest) != manifest:
+            raise RuntimeError("the resumed run's manifest differs from the uninterrupted run's")
+        row["resume"] = {**killed, "resume_s": again["seconds"], "resume_stdout": again["stdout"].strip().splitlines()[-2],
+                         "extra_cost_s": round(killed["killed_after_s"] + again["seconds"] - shard["seconds"], 2)}
+    return row
+
+
+def _s3_server(workdir: Path):
+    from tests.support.s3server import S3Server
+
+    server = S3Server(workdir, volume_size_limit_mb=1024).start()
+    server.create_bucket("scale")
+    os.environ.update(server.env())  # the alexray commands started from here inherit the endpoint
+    return server
+
+
+def run_scale(sizes: list[int], workdir: Path, resize: int, resume_at: set[int], s3_at: set[int],
+              modes: list[str], out: Path, verify: bool = True) -> list[dict]:
     from bench.imagenet_tree import generate
 
     rows = []
@@ -204,21 +261,29 @@ def run_scale(sizes: list[int], workdir: Path, resize: int) -> list[dict]:
             started = time.perf_counter()
             counts = generate(src, n)
             gen_s = time.perf_counter() - started
+            os.sync()  # the tree on disk before any timing: no run pays for the generator's writeback
             src_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 1e6
             row = {"images": n, "generate_s": round(gen_s, 1), "generate_files_s": round(n / gen_s),
-                   "src_mb": round(src_mb, 1), "odd": counts["odd"]}
-            for mode, extra in (("pass-through", []), ("re-encode", ["--resize-short-side", str(resize)])):
-                dest = root / mode
-                shard = measure_cli(["shard", str(src), str(dest), "--no-progress", *extra], dest)
-                verify = measure_cli(["shard", "verify", str(dest), "--no-progress"], dest)
-                manifest = dest / "manifest.json"
-                totals = json.loads(manifest.read_bytes())["totals"]
-                shard.pop("stdout")
-                row[mode] = {**shard, "img_s": round(n / shard["seconds"]), "manifest_kb": round(manifest.stat().st_size / 1e3),
-                             "shards": totals["shards"], "rejected": totals["rejected"], "verify_s": verify["seconds"]}
-                print(f"{n} {mode}: {json.dumps(row[mode])}", flush=True)
-                shutil.rmtree(dest)
+                   "src_mb": round(src_mb, 1), "odd": counts["odd"], "load_avg": os.getloadavg()}
             rows.append(row)
+            options = {"pass-through": [], "re-encode": ["--resize-short-side", str(resize)]}
+            for mode, extra in ((m, options[m]) for m in modes):
+                dest = root / mode
+                row[mode] = measure_mode(n, src, str(dest), extra, resume=mode == "pass-through" and n in resume_at,
+                                         verify=verify)
+                os.sync()
+                print(f"{n} {mode}: {json.dumps(row[mode])}", flush=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                out.write_text(json.dumps(rows, indent=1))
+            if n in s3_at:
+                server = _s3_server(root / "s3")
+                try:
+                    for mode, extra in ((m, options[m]) for m in modes):
+                        row[f"s3 {mode}"] = measure_mode(n, src, f"s3://scale/{mode}", extra, resume=False)
+                        print(f"{n} s3 {mode}: {json.dumps(row[f's3 {mode}'])}", flush=True)
+                        out.write_text(json.dumps(rows, indent=1))
+                finally:
+                    server.stop()
         finally:
             shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -234,11 +299,19 @@ def main(argv: list[str]) -> int:
                    help="where the trees and shards are written (and removed afterwards)")
     p.add_argument("--resize-short-side", type=int, default=64,
                    help="re-encode run: below the generated images' shortest side (80 px), so every one is re-encoded")
+    p.add_argument("--resume-at", type=int, nargs="*", default=[1_000_000],
+                   help="sizes at which the pass-through run is also killed half-way and resumed")
+    p.add_argument("--s3-at", type=int, nargs="*", default=[100_000],
+                   help="sizes also sharded to a SeaweedFS (S3) server started here")
+    p.add_argument("--modes", nargs="+", choices=["pass-through", "re-encode"], default=["pass-through", "re-encode"],
+                   help="which runs to make at each size (a million re-encodes take several minutes on 2 cores)")
+    p.add_argument("--no-verify", action="store_true", help="skip 'alexray shard verify' after each run")
     args = p.parse_args(argv)
-    rows = run_scale(args.images, args.workdir, args.resize_short_side)
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "scale.json").write_text(json.dumps(rows, indent=1))
-    print(f"results written to {WORK / 'scale.json'}")
+    out = WORK / "scale.json"
+    run_scale(args.images, args.workdir, args.resize_short_side, set(args.resume_at), set(args.s3_at),
+              args.modes, out, verify=not args.no_verify)
+    print(f"results written to {out}")
     return 0
 
 

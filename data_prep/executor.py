@@ -6,6 +6,7 @@ callback; the same function runs in-process (``workers=1``), in a process pool, 
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import forkserver
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -71,7 +72,7 @@ class Progress:
 
 
 class Executor:
-    def run(self, fn: Callable, tasks: list[dict], progress: Progress) -> Iterator[tuple[int, object]]:
+    def run(self, fn: Callable, tasks: Iterable[dict], progress: Progress) -> Iterator[tuple[int, object]]:
         """Yield ``(task index, result)`` as tasks finish, updating ``progress`` meanwhile."""
         raise NotImplementedError
 
@@ -117,14 +118,22 @@ class ProcessExecutor(Executor):
         self.nbytes = ctx.Value("q", 0)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                         initargs=(self.images, self.nbytes, storage_env()))
+        self.window = 2 * workers + 2  # tasks submitted ahead: each worker has its next one queued
 
     def run(self, fn, tasks, progress):
         with self.images.get_lock():
             self.images.value = 0
         with self.nbytes.get_lock():
             self.nbytes.value = 0
-        pending = {self.pool.submit(_run_counted, fn, kwargs): i for i, kwargs in enumerate(tasks)}
-        while pending:
+        # Tasks are taken from the iterable only as workers free up: a task can hold a thousand
+        # samples, and a million-image run must not hold all of them at once.
+        numbered = enumerate(tasks)
+        pending = {}
+        while True:
+            for i, kwargs in itertools.islice(numbered, self.window - len(pending)):
+                pending[self.pool.submit(_run_counted, fn, kwargs)] = i
+            if not pending:
+                break
             done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             progress.update(self.images.value, self.nbytes.value)
             for future in done:

@@ -31,12 +31,12 @@ from alexray_core.errors import EXIT_FAILED
 
 from .errors import ShardError
 from .executor import Progress, RayExecutor, default_workers, make_executor, prepare_workers
-from .images import REJECT, ImageOptions, probe_image
+from .images import ImageOptions, probe_image
 from .lease import LEASE_NAME, Lease
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
 from .s3storage import UPLOADS_DIR
-from .shards import (PROGRESS_DIR, ShardPlan, ShardResult, build_shard, plan_split, planned_sample,
-                     publish_shard, write_shard)
+from .planning import SplitPlan, SplitProbes
+from .shards import PROGRESS_DIR, ShardResult, build_shard, publish_shard, write_shard
 from .sources import SourceDataset, scan_source
 from .storage import LocalStorage, open_storage
 from .storage_api import WRITE_PROBE, Storage
@@ -108,9 +108,19 @@ def fingerprint_of(dataset: SourceDataset, config: ShardConfig) -> str:
                               "classes": dataset.class_ids, "splits": sorted(dataset.splits)},
                              sort_keys=True).encode())
     for split in sorted(dataset.splits):
-        for f in dataset.splits[split]:
-            digest.update(f"{split}\0{f.relpath}\0{f.size}\n".encode())
+        table = dataset.splits[split]
+        for i in range(len(table)):
+            # surrogateescape: a file name that is not UTF-8 is hashed as its bytes, not refused
+            digest.update(f"{split}\0{table.relpath(i)}\0{table.sizes[i]}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
+
+
+def _probe_tasks(dataset: SourceDataset, chunks: list[tuple[str, int]], options: ImageOptions):
+    """The probe tasks of ``chunks`` ((split, first file) each), built as workers take them."""
+    for split, start in chunks:
+        table = dataset.splits[split]
+        yield {"src_root": str(dataset.root), "options": options,
+               "relpaths": [table.relpath(i) for i in range(start, min(start + PROBE_CHUNK, len(table)))]}
 
 
 def probe_chunk(src_root: str, relpaths: list[str], options: ImageOptions, on_sample=None):
@@ -159,9 +169,8 @@ def _ours(name: str) -> bool:
             or bool(_SHARD_RE.match(name)) or ".partial-" in name)
 
 
-def _completed_shards(storage: Storage, plans: list[ShardPlan], fingerprint: str) -> dict[str, ShardResult]:
+def _completed_shards(storage: Storage, planned: set[str], fingerprint: str) -> dict[str, ShardResult]:
     """Shards left complete by an earlier run of this same sharding, checked by size and checksum."""
-    planned = {p.name for p in plans}
     done = {}
     for o in storage.list(PROGRESS_DIR + "/"):
         try:
@@ -178,9 +187,8 @@ def _completed_shards(storage: Storage, plans: list[ShardPlan], fingerprint: str
     return done
 
 
-def _remove_stale(storage: Storage, plans: list[ShardPlan], keep: set[str]) -> None:
+def _remove_stale(storage: Storage, planned: set[str], keep: set[str]) -> None:
     """With --overwrite: drop the old manifest first, then old shards and records not reused."""
-    planned = {p.name for p in plans}
     storage.delete(MANIFEST_NAME)
     for o in storage.list():
         if o.name == MANIFEST_NAME:
@@ -225,52 +233,48 @@ def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: Shard
     staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None and not on_ray else None
     try:
         # Pass 1: probe every file.
-        work = [(split, f) for split in sorted(dataset.splits) for f in dataset.splits[split]]
-        chunks = [work[i:i + PROBE_CHUNK] for i in range(0, len(work), PROBE_CHUNK)]
-        tasks = [{"src_root": str(dataset.root), "relpaths": [f.relpath for _, f in chunk], "options": options}
-                 for chunk in chunks]
-        probes = [None] * len(chunks)
-        bar = Progress("checking", len(work), progress_on)
-        for i, result in executor.run(probe_chunk, tasks, bar):
-            probes[i] = result
+        probes = {split: SplitProbes(len(table)) for split, table in dataset.splits.items()}
+        chunks = [(split, start) for split in sorted(dataset.splits)
+                  for start in range(0, len(dataset.splits[split]), PROBE_CHUNK)]
+        n_files = sum(len(table) for table in dataset.splits.values())
+        bar = Progress("checking", n_files, progress_on)
+        for i, result in executor.run(probe_chunk, _probe_tasks(dataset, chunks, options), bar):
+            split, start = chunks[i]
+            probes[split].record(start, result)
         bar.close()
 
-        accepted: dict[str, list] = {split: [] for split in dataset.splits}
-        rejected: dict[str, list[dict]] = {s: [r.to_json() for r in dataset.rejects.get(s, [])] for s in dataset.splits}
-        for chunk, chunk_probes in zip(chunks, probes):
-            for (split, f), probe in zip(chunk, chunk_probes):
-                if probe.action == REJECT:
-                    rejected[split].append({"path": f.relpath, "reason": probe.reason})
-                else:
-                    accepted[split].append(planned_sample(f.key, f.relpath, f.class_index,
-                                                          dataset.class_ids[f.class_index], f.size, probe, options))
-        n_inputs = len(work) + sum(len(r) for r in dataset.rejects.values())
+        rejected: dict[str, list[dict]] = {}
+        for split, table in dataset.splits.items():
+            rejected[split] = [r.to_json() for r in dataset.rejects.get(split, [])]
+            rejected[split] += [{"path": table.relpath(i), "reason": reason} for i, reason in sorted(probes[split].rejects)]
+        n_inputs = n_files + sum(len(r) for r in dataset.rejects.values())
         if metrics is not None:
             for split, items in rejected.items():
                 metrics.rejected(split, len(items))
         _check_reject_fraction(rejected, n_inputs, config.max_reject_fraction)
 
-        plans = [plan for split in sorted(accepted)
-                 for plan in plan_split(split, accepted[split], config.seed, config.shard_size, config.max_shard_bytes)]
-        if not plans:
+        plans = [SplitPlan(split, dataset.splits[split], probes[split], dataset.class_ids, options, config.seed,
+                           config.shard_size, config.max_shard_bytes) for split in sorted(dataset.splits)]
+        planned = {name for plan in plans for name in plan.names()}
+        if not planned:
             raise ShardError(f"no valid images in SRC {dataset.root}: all {n_inputs} inputs were rejected "
                              f"(first: {_first_reject(rejected)}); point SRC at an image dataset")
-        done = _completed_shards(storage, plans, fingerprint)
+        done = _completed_shards(storage, planned, fingerprint)
         if config.overwrite:
-            _remove_stale(storage, plans, keep=set(done))
-        todo = [p for p in plans if p.name not in done]
+            _remove_stale(storage, planned, keep=set(done))
+        todo = [(plan, i) for plan in plans for i in range(len(plan)) if plan.name(i) not in done]
         if done:
-            log.warning("resuming: %d of %d shards already complete at %s", len(done), len(plans), storage.url)
+            log.warning("resuming: %d of %d shards already complete at %s", len(done), len(planned), storage.url)
 
         # Pass 2: write the shards that are missing. Local workers only build them; this process
         # publishes (uploads) them on I/O threads, so no worker sits idle waiting for the network.
         results = dict(done)
-        tasks = [{"plan": p, "src_root": str(dataset.root), "storage": storage, "options": options,
-                  "fingerprint": fingerprint, "staging_dir": staging} for p in todo]
-        bar = Progress("sharding", sum(len(p.samples) for p in todo), progress_on)
+        # Built as workers take them: only the shards in flight exist as lists of samples.
+        ray_only = {"lease_token": lease.token} if on_ray else {}
+        tasks = ({"plan": plan.shard(i), "src_root": str(dataset.root), "storage": storage, "options": options,
+                  "fingerprint": fingerprint, "staging_dir": staging, **ray_only} for plan, i in todo)
+        bar = Progress("sharding", sum(plan.samples_in(i) for plan, i in todo), progress_on)
         if on_ray:
-            for task in tasks:
-                task["lease_token"] = lease.token
             for _, result in executor.run(write_shard, tasks, bar):
                 results[result.name] = result
                 if metrics is not None:
@@ -293,10 +297,10 @@ def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: Shard
             shutil.rmtree(staging, ignore_errors=True)
 
     splits = {}
-    for split in sorted(accepted):
-        shards = [results[p.name].to_json() for p in plans if p.split == split]
+    for plan in plans:
+        shards = [results[name].to_json() for name in plan.names()]
         late_rejects = [r for s in shards for r in s["rejects"]]
-        splits[split] = {"shards": shards, "rejected": rejected[split] + late_rejects}
+        splits[plan.split] = {"shards": shards, "rejected": rejected[plan.split] + late_rejects}
     manifest = build_manifest(fingerprint, config.output_options(), dataset.class_table(), splits)
     lease.check()
     storage.write_bytes(MANIFEST_NAME, dumps(manifest))

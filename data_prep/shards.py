@@ -95,24 +95,31 @@ def estimate_bytes(size: int, probe: Probe, options: ImageOptions) -> int:
     return max(1, int(size * (width * height) / max(1, probe.width * probe.height)))
 
 
-def samples_per_shard(samples: list[PlannedSample], shard_size: int, max_shard_bytes: int | None) -> int:
-    """``shard_size``, lowered so the estimated shard size stays under ``max_shard_bytes``."""
-    if not max_shard_bytes or not samples:
+def samples_per_shard(est_bytes: int, count: int, shard_size: int, max_shard_bytes: int | None) -> int:
+    """``shard_size``, lowered so the estimated shard size stays under ``max_shard_bytes``, for
+    ``count`` samples whose images are estimated at ``est_bytes`` in all."""
+    if not max_shard_bytes or not count:
         return shard_size
-    mean = sum(s.est_bytes for s in samples) / len(samples) + TAR_OVERHEAD_PER_SAMPLE
+    mean = est_bytes / count + TAR_OVERHEAD_PER_SAMPLE
     return max(1, min(shard_size, math.floor(max_shard_bytes / (mean * 1.05))))
+
+
+def shuffle_order(split: str, items, seed: int) -> None:
+    """Shuffle a split's samples, given in path order, in place (a list or an ``array``: only the
+    length and the seed decide the permutation). It mixes classes so no shard holds only one."""
+    random.Random(f"alexray-shard:{seed}:{split}").shuffle(items)
 
 
 def plan_split(split: str, samples: list[PlannedSample], seed: int, shard_size: int,
                max_shard_bytes: int | None = None) -> list[ShardPlan]:
     """Shuffle a split's samples with the seed and cut them into equal shards (the last may be short).
 
-    The input order must already be deterministic (sorted by path); the shuffle mixes classes so no
-    shard holds only one of them.
+    The plan in its plainest form; ``data_prep.planning.SplitPlan`` computes the same plan from
+    packed arrays, one shard at a time.
     """
     ordered = sorted(samples, key=lambda s: s.relpath)
-    random.Random(f"alexray-shard:{seed}:{split}").shuffle(ordered)
-    per_shard = samples_per_shard(ordered, shard_size, max_shard_bytes)
+    shuffle_order(split, ordered, seed)
+    per_shard = samples_per_shard(sum(s.est_bytes for s in ordered), len(ordered), shard_size, max_shard_bytes)
     return [ShardPlan(split, i, tuple(ordered[start:start + per_shard]))
             for i, start in enumerate(range(0, len(ordered), per_shard))]
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +29,7 @@ KAGGLE_VAL_CSV = "LOC_val_solution.csv"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 _WNID = re.compile(r"^n\d{8}$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One input file of a split: where it is, its class, and the sample key it will get."""
-
-    relpath: str  # relative to SRC, '/'-separated
-    class_index: int
-    size: int
-    key: str = ""
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # as os.fsdecode
 
 
 @dataclass(frozen=True)
@@ -47,12 +41,117 @@ class Reject:
         return {"path": self.relpath, "reason": self.reason}
 
 
+class FileTable:
+    """The files of one split in path order, packed into arrays: a million files cost tens of MB
+    rather than the ~0.8 GB of one Python object (and its strings) per file.
+
+    File ``i`` is ``dirs[dir_of[i]] + "/" + name(i)``, relative to SRC. Names are kept as the file
+    system's bytes (``os.fsencode``), so undecodable names survive the round trip.
+    """
+
+    def __init__(self):
+        self.dirs: list[str] = []  # relative to SRC, '/'-separated
+        self.dir_of = array("I")
+        self.names = bytearray()
+        self.ends = array("Q")  # end of each name in ``names``
+        self.class_index = array("I")
+        self.sizes = array("Q")
+        self.key_clashes: dict[int, str] = {}  # the keys that are not simply the file's stem
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def add_dir(self, reldir: str) -> int:
+        self.dirs.append(reldir)
+        return len(self.dirs) - 1
+
+    def add(self, dir_index: int, name: str, class_index: int, size: int) -> None:
+        self.dir_of.append(dir_index)
+        self.names += os.fsencode(name)
+        self.ends.append(len(self.names))
+        self.class_index.append(class_index)
+        self.sizes.append(size)
+
+    def name(self, i: int) -> str:
+        return self.names[self.ends[i - 1] if i else 0:self.ends[i]].decode(_FS_ENCODING, _FS_ERRORS)
+
+    def relpath(self, i: int) -> str:
+        return f"{self.dirs[self.dir_of[i]]}/{self.name(i)}"
+
+    def key(self, i: int) -> str:
+        return self.key_clashes.get(i) or stem_key(self.name(i))
+
+    def in_path_order(self) -> "FileTable":
+        """This table sorted by relative path (the order every plan starts from).
+
+        Each directory's names are added sorted, so the table is in order unless a directory's
+        first path sorts before the previous directory's last ("a/b/x" after "a/z"): only those
+        boundaries are compared, and only such a tree pays for a full sort."""
+        starts = [i for i in range(1, len(self)) if self.dir_of[i] != self.dir_of[i - 1]]
+        if all(self.relpath(i - 1) < self.relpath(i) for i in starts):
+            return self
+        ordered = FileTable()
+        ordered.dirs = self.dirs
+        for i in sorted(range(len(self)), key=self.relpath):
+            ordered.add(self.dir_of[i], self.name(i), self.class_index[i], self.sizes[i])
+        return ordered
+
+    def find_key_clashes(self) -> None:
+        """Find the files whose key (see ``assign_keys``) is not simply their stem, without
+        holding every stem.
+
+        Only files whose stem is shared, or could equal a suffixed key (``x_1`` beside two ``x``),
+        can get anything but their stem; a bitmap of stem hashes finds the candidates, an exact
+        count confirms them, and ``assign_keys`` runs on those files alone."""
+        n = len(self)
+        bits = 1 << min(32, max(16, (16 * n).bit_length()))  # ~16 bits a file: few false candidates
+        seen = bytearray(bits // 8)
+        slot_of = array("I")
+        candidates = set()
+        for i in range(n):
+            slot = hash(stem_key(self.name(i))) & (bits - 1)
+            slot_of.append(slot)
+            if seen[slot >> 3] & (1 << (slot & 7)):
+                candidates.add(slot)
+            seen[slot >> 3] |= 1 << (slot & 7)
+        del seen
+        counts: dict[str, int] = {}
+        for i in range(n):
+            if slot_of[i] in candidates:
+                stem = stem_key(self.name(i))
+                counts[stem] = counts.get(stem, 0) + 1
+        del slot_of
+        shared = {stem for stem, count in counts.items() if count > 1}
+        if not shared:
+            self.key_clashes = {}
+            return
+        involved = [i for i in range(n) if _derives_from(stem_key(self.name(i)), shared)]
+        keys = assign_keys([self.relpath(i) for i in involved])
+        self.key_clashes = {i: key for i, key in zip(involved, keys) if key != stem_key(self.name(i))}
+
+
+def _derives_from(stem: str, shared: set[str]) -> bool:
+    """True when ``stem``, or what is left after stripping ``_<digits>`` suffixes, is in ``shared``."""
+    while True:
+        if stem in shared:
+            return True
+        base, sep, digits = stem.rpartition("_")
+        if not sep or not digits.isdigit() or not digits.isascii():
+            return False
+        stem = base
+
+
+def stem_key(name: str) -> str:
+    # at most 80 characters, so "{key}.json" fits a plain ustar member name
+    return _KEY_UNSAFE.sub("_", name.split(".")[0])[:80] or "sample"
+
+
 @dataclass
 class SourceDataset:
     root: Path
     class_ids: list[str]
     class_names: list[str]
-    splits: dict[str, list[SourceFile]]
+    splits: dict[str, FileTable]
     rejects: dict[str, list[Reject]] = field(default_factory=dict)
 
     def class_table(self) -> list[dict]:
@@ -64,16 +163,13 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_files(folder: str) -> list[str]:
-    """Every visible file under ``folder``, sorted; symlinked directories are not followed.
-
-    Paths are plain strings: a scan of a million files is paid per file, and a ``Path`` object
-    costs more than the ``stat`` of its file."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+def _walk_files(root: Path, reldir: str) -> Iterator[tuple[str, list[str]]]:
+    """(directory relative to ``root``, its visible file names sorted) for ``reldir`` and every
+    folder under it, in ``os.walk`` order; symlinked directories are not followed."""
+    under_root = len(os.path.join(root, ""))
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, reldir), followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f))
-    return found
+        yield dirpath[under_root:], sorted(f for f in filenames if _visible(f))
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -125,24 +221,23 @@ def _file_size(path: str) -> int | None:
         return None
 
 
-def assign_keys(files: list[SourceFile]) -> list[SourceFile]:
-    """Give each file a WebDataset-safe key from its stem, unique within the split.
+def assign_keys(relpaths: list[str]) -> list[str]:
+    """WebDataset-safe keys, unique within a split, for files given in path order.
 
     WebDataset splits a member name at the first dot, so keys hold no dots; clashes (the same
     stem in two class folders) get a numeric suffix in path order, which keeps keys stable.
     """
     seen: dict[str, int] = {}
-    keyed = []
-    for f in sorted(files, key=lambda f: f.relpath):
-        # at most 80 characters, so "{key}.json" fits a plain ustar member name
-        stem = _KEY_UNSAFE.sub("_", f.relpath.rpartition("/")[2].split(".")[0])[:80] or "sample"
+    keys = []
+    for relpath in relpaths:
+        stem = stem_key(relpath.rpartition("/")[2])
         key = stem
         while key in seen:
             seen[stem] += 1
             key = f"{stem}_{seen[stem]}"
         seen.setdefault(key, 0)
-        keyed.append(SourceFile(f.relpath, f.class_index, f.size, key))
-    return keyed
+        keys.append(key)
+    return keys
 
 
 def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDataset:
@@ -163,45 +258,52 @@ def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDatas
     kaggle_csv = root / KAGGLE_VAL_CSV
     kaggle_labels = _read_kaggle_labels(kaggle_csv) if kaggle_csv.is_file() else {}
 
-    # First pass: (relpath, class id) per split, so the class table can be the union of all splits.
-    raw: dict[str, list[tuple[str, str | None]]] = {}
-    class_ids: set[str] = set()
+    # Files are recorded with a class number in order of discovery; the class index (the position
+    # in the sorted union of every split's classes) is only known once all splits are scanned.
+    found: dict[str, int] = {}
+    tables: dict[str, FileTable] = {}
+    rejects: dict[str, list[Reject]] = {}
     for split in wanted:
-        split_dir = root / split
-        entries: list[tuple[str, str | None]] = []
-        dirs = _class_dirs(split_dir)
-        for class_id in dirs:
-            class_ids.add(class_id)
-            entries.extend((p, class_id) for p in _walk_files(str(split_dir / class_id)))
-        loose = [os.path.join(split_dir, e.name) for e in sorted(os.scandir(split_dir), key=lambda e: e.name)
-                 if _visible(e.name) and not e.is_dir()]
+        table, rejects[split] = FileTable(), []
+        for class_id in _class_dirs(root / split):
+            number = found.setdefault(class_id, len(found))
+            for reldir, names in _walk_files(root, f"{split}/{class_id}"):
+                _add_files(table, root, reldir, names, lambda name: number, rejects[split])
+        loose = sorted(e.name for e in os.scandir(root / split) if _visible(e.name) and not e.is_dir())
         if loose and kaggle_labels:
-            for path in loose:
-                class_id = kaggle_labels.get(os.path.basename(path).split(".")[0])
-                entries.append((path, class_id))
-                if class_id:
-                    class_ids.add(class_id)
-        raw[split] = entries
+            def number_of(name: str) -> int | None:
+                class_id = kaggle_labels.get(name.split(".")[0])
+                return None if class_id is None else found.setdefault(class_id, len(found))
 
-    ordered_ids = sorted(class_ids)
-    index_of = {cid: i for i, cid in enumerate(ordered_ids)}
-    dataset = SourceDataset(root, ordered_ids, _class_names(root, ordered_ids), {}, {})
-    under_root = len(os.path.join(root, ""))  # every path found starts with the root and a separator
-    for split, entries in raw.items():
-        files, rejects = [], []
-        for path, class_id in entries:
-            rel = path[under_root:]
-            if class_id is None:
-                rejects.append(Reject(rel, f"no label in {KAGGLE_VAL_CSV}"))
-                continue
-            size = _file_size(path)
-            if size is None:
-                rejects.append(Reject(rel, "unreadable: broken symlink or vanished file"))
-                continue
-            files.append(SourceFile(rel, index_of[class_id], size))
-        dataset.splits[split] = assign_keys(files)
-        dataset.rejects[split] = rejects
+            _add_files(table, root, split, loose, number_of, rejects[split])
+        tables[split] = table
 
-    if not any(dataset.splits.values()):
+    ordered_ids = sorted(found)
+    position = {cid: i for i, cid in enumerate(ordered_ids)}
+    index_of = [position[cid] for cid in found]  # class number (discovery order) -> class index
+    dataset = SourceDataset(root, ordered_ids, _class_names(root, ordered_ids), {}, rejects)
+    for split, table in tables.items():
+        table.class_index = array("I", (index_of[number] for number in table.class_index))
+        table = table.in_path_order()
+        table.find_key_clashes()
+        dataset.splits[split] = table
+
+    if not any(len(t) for t in dataset.splits.values()):
         raise ShardError(f"SRC {root} holds no files in {', '.join(wanted)}: expected {wanted[0]}/<class>/<image>")
     return dataset
+
+
+def _add_files(table: FileTable, root: Path, reldir: str, names: list[str], class_number, rejects: list[Reject]):
+    """Add a directory's files (sorted names) to ``table``, or to ``rejects`` with the reason."""
+    folder = os.path.join(root, reldir)
+    d = table.add_dir(reldir)
+    for name in names:
+        number = class_number(name)
+        if number is None:
+            rejects.append(Reject(f"{reldir}/{name}", f"no label in {KAGGLE_VAL_CSV}"))
+            continue
+        size = _file_size(os.path.join(folder, name))
+        if size is None:
+            rejects.append(Reject(f"{reldir}/{name}", "unreadable: broken symlink or vanished file"))
+            continue
+        table.add(d, name, number, size)

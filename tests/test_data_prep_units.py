@@ -14,7 +14,7 @@ from data_prep.errors import ShardError
 from data_prep import images
 from data_prep.images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, probe_image, resized_size
 from data_prep.shards import PlannedSample, estimate_bytes, plan_split, sample_json, samples_per_shard
-from data_prep.sources import SourceFile, assign_keys
+from data_prep.sources import FileTable, assign_keys
 from data_prep.storage_api import describe_s3_error, is_transient, split_s3_url
 
 
@@ -39,22 +39,106 @@ def test_plan_is_deterministic_equal_sized_and_mixes_classes():
 
 
 def test_max_shard_bytes_lowers_samples_per_shard():
-    samples = _samples(100, size=100_000)
-    assert samples_per_shard(samples, 1000, None) == 1000
-    n = samples_per_shard(samples, 1000, 1_000_000)
+    assert samples_per_shard(100 * 100_000, 100, 1000, None) == 1000
+    n = samples_per_shard(100 * 100_000, 100, 1000, 1_000_000)
     assert 5 <= n <= 10
     assert n * (100_000 + 2304) <= 1_000_000
-    assert samples_per_shard(samples, 1000, 1024) == 1
+    assert samples_per_shard(100 * 100_000, 100, 1000, 1024) == 1
+
+
+def _table(relpaths, sizes=None):
+    """A FileTable of ``relpaths`` (one directory per distinct folder, in the order given)."""
+    table, dirs = FileTable(), {}
+    for i, rel in enumerate(relpaths):
+        folder, _, name = rel.rpartition("/")
+        if folder not in dirs:
+            dirs[folder] = table.add_dir(folder)
+        table.add(dirs[folder], name, i % 3, sizes[i] if sizes else 1000 + i)
+    return table
 
 
 def test_keys_are_unique_dotless_and_stable():
-    files = [SourceFile("train/a/x.1.JPEG", 0, 1), SourceFile("train/b/x.1.JPEG", 1, 1),
-             SourceFile("train/c/x.1.png", 2, 1), SourceFile("train/a/we ird+name.jpg", 0, 1)]
-    keyed = assign_keys(files)
-    keys = [f.key for f in keyed]
+    relpaths = sorted(["train/a/x.1.JPEG", "train/b/x.1.JPEG", "train/c/x.1.png", "train/a/we ird+name.jpg"])
+    keys = assign_keys(relpaths)
     assert len(set(keys)) == 4
     assert all("." not in k and " " not in k for k in keys)
-    assert keys == [f.key for f in assign_keys(list(reversed(files)))]
+    table = _table(relpaths)
+    table.find_key_clashes()
+    assert [table.key(i) for i in range(len(table))] == keys
+
+
+def test_packed_keys_match_assign_keys_on_clashing_names():
+    # Shared stems, names that look like suffixed keys (x_1, x_1_1) before and after the clashes
+    # they could collide with, and unique names the clash detection must leave alone.
+    rng = random.Random(5)
+    stems = ["x", "x_1", "x_1_1", "x_2", "y", "y_01", "sample", "", "a.b", "n01_7"] + [f"u{i}" for i in range(300)]
+    relpaths = sorted({f"train/{rng.choice('abcdef')}/{rng.choice(stems)}.{rng.choice(['JPEG', 'png'])}"
+                       for _ in range(400)})
+    table = _table(relpaths)
+    table.find_key_clashes()
+    keys = [table.key(i) for i in range(len(table))]
+    assert keys == assign_keys(relpaths)
+    assert len(set(keys)) == len(keys)
+    assert 0 < len(table.key_clashes) < len(keys)
+
+
+def test_file_table_sorts_itself_by_path_only_when_needed():
+    walked = ["t/a/z.jpg", "t/a/sub/b.jpg", "t/a-b/c.jpg", "t/ab/d.jpg", "t/caf\u00e9/e.jpg"]  # os.walk order
+    table = _table(walked)
+    ordered = table.in_path_order()
+    assert [ordered.relpath(i) for i in range(len(ordered))] == sorted(walked)
+    assert [ordered.sizes[i] for i in range(len(ordered))] == [1000 + walked.index(r) for r in sorted(walked)]
+    assert ordered.in_path_order() is ordered
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 200_000])
+def test_packed_split_plan_is_plan_split(max_shard_bytes):
+    from data_prep.images import REJECT
+    from data_prep.planning import SplitPlan, SplitProbes
+    from data_prep.shards import planned_sample
+
+    rng = random.Random(3)
+    relpaths = sorted(f"train/c{i % 3}/{i:05d}.jpg" for i in range(1000))
+    sizes = [rng.randint(5_000, 90_000) for _ in relpaths]
+    table = _table(relpaths, sizes)
+    table.find_key_clashes()
+    options = ImageOptions(resize_short_side=64)
+    actions = [rng.choice([KEEP, CONVERT, RESIZE, REJECT]) for _ in relpaths]
+    found = [Probe(a, reason="bad" if a == REJECT else "", width=rng.randint(64, 900), height=rng.randint(64, 900))
+             for a in actions]
+    probes = SplitProbes(len(table))
+    for start in range(0, len(found), 256):  # in chunks, as the probe tasks return them
+        probes.record(start, found[start:start + 256])
+    assert [i for i, _ in probes.rejects] == [i for i, a in enumerate(actions) if a == REJECT]
+    classes = ["c0", "c1", "c2"]
+    packed = SplitPlan("train", table, probes, classes, options, 7, 100, max_shard_bytes)
+    plain = plan_split("train", [planned_sample(table.key(i), relpaths[i], i % 3, classes[i % 3], sizes[i], found[i],
+                                                options) for i in range(len(relpaths)) if actions[i] != REJECT],
+                       7, 100, max_shard_bytes)
+    assert [packed.shard(i) for i in range(len(packed))] == plain
+    assert [packed.samples_in(i) for i in range(len(packed))] == [len(p.samples) for p in plain]
+    assert (packed.per_shard < 100) == (max_shard_bytes is not None)
+
+
+def test_process_executor_takes_tasks_as_workers_free_up():
+    from data_prep.executor import Progress, ProcessExecutor
+    from data_prep.pipeline import probe_chunk
+
+    drawn = []
+
+    def tasks():
+        for i in range(40):
+            drawn.append(i)
+            yield {"src_root": "/", "relpaths": [], "options": ImageOptions()}
+
+    executor = ProcessExecutor(2)
+    try:
+        results = executor.run(probe_chunk, tasks(), Progress("test", 0, enabled=False))
+        first, _ = next(results)
+        assert len(drawn) <= executor.window < 40
+        assert sorted([first] + [i for i, _ in results]) == list(range(40))
+    finally:
+        executor.close()
 
 
 def test_resized_size_never_enlarges():

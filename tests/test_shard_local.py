@@ -178,6 +178,18 @@ def test_max_shard_bytes_caps_shard_size(src, tmp_path):
     assert all(s["bytes"] <= one * 6 * 1.1 for s in shards)
 
 
+def test_file_names_that_are_not_utf8_are_sharded(src, tmp_path):
+    folder = src / "train" / sorted(os.listdir(src / "train"))[0]
+    first = sorted(folder.iterdir())[0]
+    odd = os.fsdecode(b"caf\xe9.JPEG")  # Latin-1 bytes: not UTF-8
+    (folder / odd).write_bytes(first.read_bytes())
+    dest = tmp_path / "shards"
+    run_alexray("shard", src, dest, check=True)
+    sources = {row["meta"]["source"] for row in _local_contents(dest)["train"]}
+    assert f"train/{folder.name}/{odd}" in sources
+    assert run_alexray("shard", "verify", dest).returncode == 0
+
+
 def test_kaggle_val_layout_and_synset_names(tmp_path):
     info = ds.make_kaggle_val_layout(tmp_path / "src", classes=3, train_per_class=4, val_per_class=2,
                                      synset_mapping=True)

@@ -1,0 +1,82 @@
+"""What the probe found for each file of a split, and the split's shard plan, kept packed.
+
+At a million files one Python object per file (a probe, a planned sample) costs more memory
+than the rest of the command; here a file costs 9 bytes of probe results and 4 bytes of plan,
+and a shard's ``ShardPlan`` is built only when its task is handed to a worker.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from .images import CONVERT, KEEP, REJECT, RESIZE, ImageOptions, Probe
+from .shards import ShardPlan, estimate_bytes, planned_sample, samples_per_shard, shard_name, shuffle_order
+from .sources import FileTable
+
+ACTIONS = (KEEP, CONVERT, RESIZE, REJECT)
+_CODE = {action: code for code, action in enumerate(ACTIONS)}
+_REJECT = _CODE[REJECT]
+
+
+class SplitProbes:
+    """The probe of every file of one split: action, width and height by file index."""
+
+    def __init__(self, count: int):
+        self.action = bytearray(count)
+        self.width = array("I", bytes(4 * count))
+        self.height = array("I", bytes(4 * count))
+        self.rejects: list[tuple[int, str]] = []  # (file index, reason)
+
+    def record(self, start: int, probes: list[Probe]) -> None:
+        """Store the probes of files ``start``, ``start + 1``, ..."""
+        for i, probe in enumerate(probes, start):
+            self.action[i] = _CODE[probe.action]
+            self.width[i], self.height[i] = probe.width, probe.height
+            if probe.action == REJECT:
+                self.rejects.append((i, probe.reason))
+
+    def accepted(self, i: int) -> bool:
+        return self.action[i] != _REJECT
+
+    def probe(self, i: int) -> Probe:
+        return Probe(ACTIONS[self.action[i]], width=self.width[i], height=self.height[i])
+
+
+class SplitPlan:
+    """A split's accepted files in shard order; the same plan as ``shards.plan_split`` (which
+    documents it), with each shard's ``ShardPlan`` built on demand."""
+
+    def __init__(self, split: str, table: FileTable, probes: SplitProbes, class_ids: list[str],
+                 options: ImageOptions, seed: int, shard_size: int, max_shard_bytes: int | None):
+        self.split, self.table, self.probes = split, table, probes
+        self.class_ids, self.options = class_ids, options
+        # The table is in path order, so its accepted files are already sorted as plan_split sorts.
+        self.order = array("I", (i for i in range(len(table)) if probes.accepted(i)))
+        shuffle_order(split, self.order, seed)
+        est_bytes = sum(self._estimate(i) for i in self.order) if max_shard_bytes else 0
+        self.per_shard = samples_per_shard(est_bytes, len(self.order), shard_size, max_shard_bytes)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.per_shard)
+
+    def name(self, index: int) -> str:
+        return shard_name(self.split, index)
+
+    def names(self) -> list[str]:
+        return [self.name(i) for i in range(len(self))]
+
+    def samples_in(self, index: int) -> int:
+        return min(self.per_shard, len(self.order) - index * self.per_shard)
+
+    def shard(self, index: int) -> ShardPlan:
+        start = index * self.per_shard
+        return ShardPlan(self.split, index, tuple(self._sample(i) for i in self.order[start:start + self.per_shard]))
+
+    def _estimate(self, i: int) -> int:
+        return estimate_bytes(self.table.sizes[i], self.probes.probe(i), self.options)
+
+    def _sample(self, i: int):
+        table = self.table
+        class_index = table.class_index[i]
+        return planned_sample(table.key(i), table.relpath(i), class_index, self.class_ids[class_index],
+                              table.sizes[i], self.probes.probe(i), self.options)
