@@ -10,6 +10,8 @@ name from here. What the files hold:
 - ``best/``: the model with the best val top-1 so far, ``best/metrics.json`` its metrics;
 - ``checkpoint_e{epoch}_s{step}[_a{attempt}]/``: checkpoints (Ray's, in the run directory itself;
   under ``checkpoints/`` for runs without Ray), each complete once its ``complete.json`` is there;
+- ``goodput/``: the workers' ledgers, the failures and the session the run's time is accounted
+  from (``alexray_core.goodput``);
 - ``summary.json``: written at the end.
 
 A storage here is any object with ``exists``, ``list`` and ``read_bytes`` (``data_prep.storage``).

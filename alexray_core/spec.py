@@ -84,6 +84,9 @@ class TrainSpec:
     grad_compression: Literal["none", "bf16"] = "none"  # none or bf16: DDP gradient all-reduce in bfloat16
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
     log_every: int = 10  # report metrics every this many steps
+    # dense TFLOP/s of one device at the run's precision, for model FLOP utilisation (MFU);
+    # 0: looked up by GPU name in workers/flops.py (no MFU on CPU or an unknown GPU)
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -383,6 +386,8 @@ def validate(spec: JobSpec) -> JobSpec:
         raise SpecError(f"train.weight_decay: must not be negative, got {t.weight_decay}")
     if t.max_steps is not None and t.max_steps < 1:
         raise SpecError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if not t.peak_tflops >= 0:  # also refuses nan
+        raise SpecError(f"train.peak_tflops: must not be negative (0: look the GPU up), got {t.peak_tflops}")
     if not 0 <= t.seed <= MAX_SEED:  # numpy's seeds are unsigned 32-bit; torch's are derived from it by x1000
         raise SpecError(f"train.seed: must be an integer between 0 and {MAX_SEED}, got {t.seed}")
     if d.num_workers < 0:

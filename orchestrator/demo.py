@@ -68,7 +68,7 @@ def start_monitoring(base: Path, cluster):
 def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
     from . import jobs
     from alexray_core.discovery import TARGETS_ENV
-    from .follow import describe, follow
+    from .follow import describe, describe_goodput, follow
     from alexray_core.localcluster import interrupts_deferred, start_local_cluster, stop_local_cluster
 
     say("starting a local Ray cluster on 127.0.0.1 (token auth on)")
@@ -104,6 +104,7 @@ def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
         top1 = final.get("top1")
         say(f"run {run_name} succeeded: {describe(final)}")
         say(f"final val top-1: {100 * top1:.1f}%" if top1 is not None else "final val top-1: not measured")
+        say(f"where the workers' time went: {describe_goodput(final.get('goodput'))}")
         say(f"newest checkpoint: {final['newest_checkpoint']}")
         say(f"best model: {final['run_dir']}/best; summary: {final['run_dir']}/summary.json")
         if prometheus is not None:

@@ -37,15 +37,37 @@ def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
 
 def describe(progress: dict) -> str:
     """``epoch 3, step 120, 840 img/s, loss 0.4123, val top-1 91.2%`` from whatever is known yet."""
-    shown = (("epoch", "epoch {}"), ("step", "step {}"), ("images_per_s", "{:.0f} img/s"), ("loss", "loss {:.4f}"))
-    parts = [form.format(progress[key]) for key, form in shown if progress.get(key) is not None]
+    shown = (("epoch", "epoch {}"), ("step", "step {}"), ("images_per_s", "{:.0f} img/s"),
+             ("flops_per_s", "{}FLOP/s"), ("mfu", "MFU {:.1%}"), ("loss", "loss {:.4f}"))
+    parts = [form.format(_si(progress[key]) if key == "flops_per_s" else progress[key])
+             for key, form in shown if progress.get(key) is not None]
     if progress.get("top1") is not None:
         parts.append(f"val top-1 {100 * progress['top1']:.1f}%")
     elif progress.get("best_top1") is not None:
         parts.append(f"best val top-1 {100 * progress['best_top1']:.1f}%")
     if progress.get("restarts"):
         parts.append(f"{progress['restarts']} restart(s)")
+    if progress.get("goodput"):
+        parts.append(f"goodput {progress['goodput']['goodput']:.0%}")
     return ", ".join(parts)
+
+
+def describe_goodput(block: dict | None) -> str:
+    """``goodput 61% of 2 workers x 0:01:40: productive 61%, startup 30%, evaluation 5%, ...``."""
+    if not block:
+        return "no goodput account"
+    shares = sorted(((f, c) for c, f in block["fractions"].items() if f >= 0.0005), reverse=True)
+    wall = int(round(block["wall_seconds"]))
+    return (f"goodput {block['goodput']:.0%} of {block['slots']} worker(s) x {wall // 3600}:{wall // 60 % 60:02d}:"
+            f"{wall % 60:02d}: " + ", ".join(f"{c.replace('_', ' ')} {f:.1%}" for f, c in shares))
+
+
+def _si(value: float) -> str:
+    """1.23e12 -> '1.2 T' (FLOP/s)."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= factor:
+            return f"{value / factor:.1f} {prefix}"
+    return f"{value:.1f} "
 
 
 def follow(address, job_id: str, *, insecure: bool = False, timeout: float | None = None, poll: float = 1.0,

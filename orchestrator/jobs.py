@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from alexray_core import runs
+from alexray_core import goodput, runs
 from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict, torchvision_source
 from data_prep.errors import ShardError
 from data_prep.storage import open_storage
@@ -116,6 +116,7 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     """
     import yaml
 
+    submitted = time.time()
     try:
         spec = load_spec(spec_path, list(overrides))
     except SpecError as e:
@@ -134,7 +135,8 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
     data = spec.to_dict()
     spec_from_dict(data)  # what the cluster will read back must still be a valid spec
     interpreter = python or os.environ.get(PYTHON_ENV) or (sys.executable if is_loopback(address) else "python")
-    entrypoint = f"{shlex.quote(interpreter)} -u -m orchestrator.cli train {SPEC_FILE}"
+    # the run's account (goodput) starts at this submit, not when the cluster gets to the job
+    entrypoint = f"{shlex.quote(interpreter)} -u -m orchestrator.cli train {SPEC_FILE} --submitted-at {submitted:.3f}"
     metadata = {RUN_KEY: spec.run.name, STORAGE_KEY: spec.run.storage}
     # Ray logs every package upload at INFO; the job id printed by the caller says enough.
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
@@ -239,11 +241,12 @@ def run_progress(storage: str, run_name: str) -> dict:
     run_dir = runs.run_dir(storage, run_name)
     out: dict = {"run_dir": run_dir, "epoch": None, "step": None, "steps_per_epoch": None, "loss": None,
                  "images_per_s": None, "progress_time": None, "top1": None, "top5": None, "best_top1": None,
-                 "restarts": None, "newest_checkpoint": None, "summary": None}
+                 "flops_per_s": None, "mfu": None, "restarts": None, "newest_checkpoint": None, "goodput": None,
+                 "summary": None}
     try:
         files = runs.RunFiles(run_dir, open_storage(run_dir))
         progress = files.progress()
-        for key in ("epoch", "step", "steps_per_epoch", "loss", "images_per_s"):
+        for key in ("epoch", "step", "steps_per_epoch", "loss", "images_per_s", "flops_per_s", "mfu"):
             out[key] = progress.get(key)
         out["progress_time"] = progress.get("time")
         attempts = files.attempts()
@@ -259,11 +262,29 @@ def run_progress(storage: str, run_name: str) -> dict:
             out.update(top1=summary.get("top1"), top5=summary.get("top5"), restarts=summary.get("restarts"),
                        best_top1=summary.get("best_top1", out["best_top1"]),
                        epoch=summary.get("epochs"), step=summary.get("steps"))
-            if summary.get("images_per_s") is not None:
-                out["images_per_s"] = summary["images_per_s"]
+            for key in ("images_per_s", "flops_per_s", "mfu"):
+                if summary.get(key) is not None:
+                    out[key] = summary[key]
+        out["goodput"] = (summary or {}).get("goodput") or live_goodput(files.storage)
     except (ShardError, OSError) as e:
         out["progress_error"] = f"cannot read {run_dir}: {e}"
     return out
+
+
+STALE_AFTER_S = 120  # workers write their ledgers every few seconds while they train
+
+
+def live_goodput(storage) -> dict | None:
+    """The account of a run still going (or one that stopped without a summary), up to now."""
+    session, ledgers, failures = goodput.read_records(storage)
+    if session is None:
+        return None
+    submitted, slots = float(session["submitted"]), int(session["slots"])
+    ended = time.time()
+    newest = max((record.updated for record in ledgers), default=ended)
+    if ended - newest > STALE_AFTER_S:  # nothing written for a while: account up to the last record
+        ended = newest
+    return goodput.summarise(goodput.account(submitted, ended, slots, ledgers, failures), slots, ended - submitted)
 
 
 def status(address=None, job_id: str | None = None, *, insecure: bool = False) -> dict:

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from alexray_core.errors import AlexrayError
+from alexray_core.goodput import CATEGORIES
 
 from . import jobs
 from .prometheus import Prometheus, PrometheusError
@@ -63,6 +64,21 @@ class Queries:
     def gauge(self, metric: str, agg: str = "max") -> str:
         return f"{agg}({metric}{{{self.s}}})"
 
+    def time_shares(self) -> str:
+        """Each category's share of the run's slot-seconds (alexray_core.goodput): they add up to 1."""
+        return (f"{self.rate('alexray_run_seconds_total', 'sum by (category)')}"
+                f" / scalar({self.rate('alexray_run_seconds_total')})")
+
+    def flops(self, by: str = "") -> str:
+        """Model FLOP/s: each worker's images/s times the FLOPs of one of its samples."""
+        per_worker = (f"sum by (rank) (rate(alexray_train_images_total{{{self.s}}}[{self.w}]))"
+                      f" * on (rank) max by (rank) (alexray_model_flops_per_sample{{{self.s}}})")
+        return f"sum {by} ({per_worker})".replace("sum  (", "sum (")
+
+    def mfu(self) -> str:
+        """FLOP/s over the workers' dense peak; no value where no peak is known."""
+        return f"{self.flops()} / {self.gauge('alexray_device_peak_flops', 'sum')}"
+
 
 def figures(run: str, window: str) -> list[dict]:
     """The dashboard's charts: id, title, unit and (legend template, PromQL) pairs."""
@@ -70,6 +86,10 @@ def figures(run: str, window: str) -> list[dict]:
     return [
         {"id": "images", "title": "Images per second", "unit": "img/s", "queries": [
             ("total", q.images()), ("rank {rank}", q.images("by (rank)"))]},
+        {"id": "flops", "title": "Model FLOP/s", "unit": "FLOP/s", "queries": [
+            ("total", q.flops()), ("rank {rank}", q.flops("by (rank)"))]},
+        {"id": "goodput", "title": "Where the workers' time goes", "unit": "%", "stacked": True, "queries": [
+            ("{category}", q.time_shares())]},
         {"id": "data_wait", "title": "Data-wait fraction", "unit": "%", "queries": [
             ("rank {rank}", q.data_wait("by (rank)"))]},
         {"id": "step_time", "title": "Step time", "unit": "s", "queries": [
@@ -99,7 +119,10 @@ def figure_data(prom: Prometheus, run: str, minutes: float, window: str) -> list
             for item in prom.query_range(expr, start, end, step):
                 points = [[float(t), float(v)] for t, v in item["values"] if not math.isnan(float(v))]
                 series.append({"name": _legend(legend, item["metric"]), "points": points})
-        out.append({"id": figure["id"], "title": figure["title"], "unit": figure["unit"], "series": series})
+        if figure.get("stacked"):  # bottom to top in the categories' order, productive first
+            series.sort(key=lambda s: CATEGORIES.index(s["name"]) if s["name"] in CATEGORIES else len(CATEGORIES))
+        out.append({"id": figure["id"], "title": figure["title"], "unit": figure["unit"],
+                    "stacked": bool(figure.get("stacked")), "series": series})
     return out
 
 
@@ -132,30 +155,85 @@ def resolve_run(prom: Prometheus, job: str | None, address: str | None = None, i
 
 # --- the figures of one moment ----------------------------------------------------------------
 
-def snapshot(prom: Prometheus, run: str, window: str = "30s") -> dict:
-    """Everything ``watch`` shows, as numbers (None where Prometheus has no value)."""
+def _by(prom: Prometheus, expr: str, label: str, at: float | None) -> dict[str, float]:
+    """``{label value: number}`` of an instant vector at ``at`` (None: now), NaN dropped."""
+    out = {}
+    for item in prom.query(expr, at):
+        value = float(item["value"][1])
+        if not math.isnan(value):
+            out[item["metric"].get(label, "")] = value
+    return out
+
+
+def last_report(prom: Prometheus, run: str, lookback_s: float, now: float) -> float | None:
+    """When Prometheus last scraped the run's step, looking back ``lookback_s`` from ``now``; None: not then.
+
+    Once a run's targets are gone its series are marked stale and instant queries find nothing, and
+    Prometheus 2 has no function for the time of a range's last sample: a subquery of ``timestamp()``
+    finds a sample within one of its steps of the last, and the raw samples since then give the last.
+    """
+    sel = f"alexray_train_step{{{Queries(run, '1m').s}}}"
+    step = max(1, math.ceil(lookback_s / 300))
+    coarse = _by(prom, f"max(max_over_time(timestamp({sel})[{math.ceil(lookback_s)}s:{step}s]))", "", now)
+    if not coarse:
+        return None
+    found = coarse[""]
+    raw = prom.query(f"{sel}[{math.ceil(now - found) + 1}s]", now)
+    return max((float(t) for item in raw for t, _ in item["values"]), default=found)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds // 60 % 60} min"
+
+
+def snapshot(prom: Prometheus, run: str, window: str = "30s", lookback_s: float = 3600.0) -> dict:
+    """Everything ``watch`` shows, as numbers (None where Prometheus has no value).
+
+    A run that no longer reports (ended, or its workers gone) is shown as its last report within
+    ``lookback_s`` left it. ``state``: ``running`` while it reports, ``finished`` once its step reached
+    the planned steps, ``stopped`` when it stopped reporting before that, ``none`` without a report
+    in ``lookback_s``; ``status`` says it in words for the summary line (None while running).
+    """
     q = Queries(run, window)
+    now = time.time()
+    newest = _by(prom, f"max(timestamp(alexray_train_step{{{q.s}}}))", "", None)
+    last = newest[""] if newest else last_report(prom, run, lookback_s, now)
+    at = last if not newest and last is not None else None  # ended: every figure as of its last scrape
 
     def one(expr: str):
-        values = prom.scalar_by(expr, "")
-        return next(iter(values.values()), None)
+        return next(iter(_by(prom, expr, "", at).values()), None)
 
-    images = prom.query(q.images("by (rank, node)"))
-    wait = prom.scalar_by(q.data_wait("by (rank)"), "rank")
-    loss = prom.scalar_by(q.gauge("alexray_train_loss", "max by (rank)"), "rank")
+    images = prom.query(q.images("by (rank, node)"), at)
+    wait = _by(prom, q.data_wait("by (rank)"), "rank", at)
+    loss = _by(prom, q.gauge("alexray_train_loss", "max by (rank)"), "rank", at)
     workers = sorted(({"rank": item["metric"].get("rank", "?"), "node": item["metric"].get("node", "?"),
                        "images_per_s": float(item["value"][1])} for item in images),
                      key=lambda x: int(x["rank"]) if x["rank"].isdigit() else 0)
+    flops = _by(prom, q.flops("by (rank)"), "rank", at)
     for worker in workers:
         worker["data_wait"] = wait.get(worker["rank"])
         worker["loss"] = loss.get(worker["rank"])
+        worker["flops_per_s"] = flops.get(worker["rank"])
     step, planned = one(q.gauge("alexray_train_step")), one(q.gauge("alexray_train_steps_planned"))
     steps_per_s = one(q.rate("alexray_train_step_duration_seconds_count", "max"))
+    if last is None:
+        state, status = "none", f"no report in the last {_ago(lookback_s)}"
+    elif step is not None and planned and step >= planned:
+        state, status = "finished", "finished"
+    elif newest:
+        state, status = "running", None
+    else:
+        state, status = "stopped", f"last report {_ago(now - last)} ago"
     eta = None
-    if step is not None and planned and steps_per_s and steps_per_s > 0:
+    if state == "running" and step is not None and planned and steps_per_s and steps_per_s > 0:
         eta = max(0.0, planned - step) / steps_per_s
     return {
-        "run": run, "time": time.time(), "workers": workers,
+        "run": run, "time": now, "state": state, "status": status, "last_report": last, "workers": workers,
         "images_per_s": sum(x["images_per_s"] for x in workers) if workers else None,
         "data_wait": one(q.data_wait()), "step": step, "planned_steps": planned, "steps_per_s": steps_per_s,
         "eta_s": eta, "epoch": one(q.gauge("alexray_train_epoch")), "lr": one(q.gauge("alexray_train_learning_rate")),
@@ -163,7 +241,58 @@ def snapshot(prom: Prometheus, run: str, window: str = "30s") -> dict:
         "top5": one(q.gauge("alexray_eval_top5_ratio")),
         "restarts": one(q.gauge("alexray_worker_restarts_total")),
         "step_p50": one(q.step_quantile(0.5)), "step_p95": one(q.step_quantile(0.95)),
+        "flops_per_s": one(q.flops()), "mfu": one(q.mfu()),
+        "goodput_history": goodput_history(prom, q, (last if at else now) - HISTORY_S, last if at else now),
     }
+
+
+HISTORY_S, HISTORY_COLUMNS = 600, 60  # watch's goodput plot: the last 10 minutes, a column per 10 s
+
+
+def goodput_history(prom: Prometheus, q: Queries, start: float, end: float) -> list[dict]:
+    """The categories' shares of the workers' time, a ``{category: share}`` per column, oldest first."""
+    columns: dict[float, dict] = {}
+    for item in prom.query_range(q.time_shares(), start, end, HISTORY_S / HISTORY_COLUMNS):
+        for t, v in item["values"]:
+            if not math.isnan(float(v)):
+                columns.setdefault(float(t), {})[item["metric"].get("category", "?")] = float(v)
+    return [columns[t] for t in sorted(columns)]
+
+
+# One letter per category for watch's plot, in CATEGORIES' order (bottom to top).
+LETTERS = dict(zip(CATEGORIES, "PDCESLRXW"))
+
+
+def plot_goodput(history: list[dict], height: int = 5) -> list[str]:
+    """A stacked plot in text: a column per moment, each row a 1/height band of the workers' time,
+    filled with the letter of the category covering the band's middle."""
+    if not history:
+        return ["goodput: no samples yet"]
+    rows = []
+    for row in range(height, 0, -1):
+        middle, line = (row - 0.5) / height, ""
+        for shares in history:
+            total, letter = 0.0, " "
+            for category in CATEGORIES:
+                total += shares.get(category, 0.0)
+                if total >= middle:
+                    letter = LETTERS[category]
+                    break
+            line += letter
+        rows.append(f"{100 * row // height:>4}% |{line}")
+    last = history[-1]
+    rows.append("      " + "  ".join(f"{LETTERS[c]} {c.replace('_', ' ')} {100 * last.get(c, 0.0):.0f}%"
+                                    for c in CATEGORIES if last.get(c, 0.0) >= 0.005))
+    return rows
+
+
+def _flops(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= factor:
+            return f"{value / factor:.1f} {prefix}FLOP/s"
+    return f"{value:.1f} FLOP/s"
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:
@@ -184,20 +313,28 @@ def _duration(seconds) -> str:
 def render(snap: dict, prom_url: str) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(snap["time"]))
     lines = [f"alexray watch   run {snap['run']}   {clock}   (Prometheus {prom_url})"]
-    if not snap["workers"] and snap["step"] is None:
-        lines.append("no samples for this run in the last few minutes: it has not started yet, or has ended")
+    if snap["state"] == "none":
+        lines.append(f"{snap['status']} for this run: it has not started yet, or ended before that")
         return "\n".join(lines) + "\n"
     step = f"{_num(snap['step'], '.0f')}/{_num(snap['planned_steps'], '.0f')}"
     lines.append(f"epoch {_num(snap['epoch'], '.0f')}   step {step}   loss {_num(snap['loss'], '.4f')}   "
                  f"lr {_num(snap['lr'], '.3g')}   top-1 {_pct(snap['top1'])}   top-5 {_pct(snap['top5'])}   "
-                 f"restarts {_num(snap['restarts'], '.0f')}   ETA {_duration(snap['eta_s'])}")
-    lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   data-wait {_pct(snap['data_wait'])}   "
+                 f"restarts {_num(snap['restarts'], '.0f')}   {snap['status'] or 'ETA ' + _duration(snap['eta_s'])}")
+    lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   {_flops(snap.get('flops_per_s'))}   "
+                 f"MFU {_pct(snap.get('mfu'))}   data-wait {_pct(snap['data_wait'])}   "
                  f"step p50 {_num(snap['step_p50'], '.3f')} s   p95 {_num(snap['step_p95'], '.3f')} s")
     lines.append("")
-    lines.append(f"{'rank':>4}  {'node':<16} {'img/s':>9} {'data-wait':>10} {'loss':>9}")
+    lines.append(f"{'rank':>4}  {'node':<16} {'img/s':>9} {'FLOP/s':>14} {'data-wait':>10} {'loss':>9}")
     for w in snap["workers"]:
-        lines.append(f"{w['rank']:>4}  {w['node']:<16} {w['images_per_s']:>9.1f} {_pct(w['data_wait']):>10} "
-                     f"{_num(w['loss'], '.4f'):>9}")
+        lines.append(f"{w['rank']:>4}  {w['node']:<16} {w['images_per_s']:>9.1f} {_flops(w.get('flops_per_s')):>14} "
+                     f"{_pct(w['data_wait']):>10} {_num(w['loss'], '.4f'):>9}")
+    history = snap.get("goodput_history") or []
+    if history:
+        lines.append("")
+        goodput = history[-1].get("productive", 0.0)
+        lines.append(f"where the workers' time goes (last {HISTORY_S // 60} min, a column per "
+                     f"{HISTORY_S // HISTORY_COLUMNS} s): goodput {100 * goodput:.0f}%")
+        lines.extend(plot_goodput(history))
     return "\n".join(lines) + "\n"
 
 
@@ -312,7 +449,7 @@ def _handler(prom: Prometheus, default_run: str | None, window: str, bound: str 
                         return self._json(200, {"run": None, "figures": [], "summary": None})
                     minutes = min(24 * 60.0, max(1.0, float(params.get("minutes", 15))))
                     return self._json(200, {"run": run, "figures": figure_data(prom, run, minutes, window),
-                                            "summary": snapshot(prom, run, window)})
+                                            "summary": snapshot(prom, run, window, minutes * 60)})
                 return self._json(404, {"error": f"no such page {parts.path}"})
             except PrometheusError as e:
                 return self._json(502, {"error": str(e)})

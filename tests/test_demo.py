@@ -48,7 +48,10 @@ def test_the_demo_trains_digits_above_90_percent_and_cleans_up(tmp_path):
     assert first.returncode == 0, (out + first.stderr)[-4000:]
     assert "writing the handwritten-digits dataset" in out
     assert float(_field(r"final val top-1: ([\d.]+)%", out)) > 90.0
-    assert re.search(r"epoch \d+, step \d+, \d+ img/s, loss [\d.]+", out), out  # live progress lines
+    assert re.search(r"epoch \d+, step \d+, \d+ img/s, [\d.]+ [MGT]?FLOP/s, loss [\d.]+", out), out  # live progress
+    # the account of the workers' time: the submit to the end, two workers, mostly training
+    goodput = float(_field(r"where the workers' time went: goodput (\d+)% of 2 worker\(s\)", out))
+    assert 20 <= goodput <= 100 and "startup" in out
     checkpoint = Path(_field(r"newest checkpoint: (\S+)", out))
     assert checkpoint.parent.parent == base / "runs" and (checkpoint / "complete.json").is_file()
     assert (checkpoint.parent / "best" / "complete.json").is_file()

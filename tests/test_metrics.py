@@ -19,13 +19,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from alexray_core import discovery
+from alexray_core.goodput import CATEGORIES
 from orchestrator.prometheus import Prometheus, PrometheusError, free_port, render_config, start_prometheus
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
-ALLOWED_LABELS = {"run", "rank", "node", "le", "phase", "split"}
+ALLOWED_LABELS = {"run", "rank", "node", "le", "phase", "split", "category"}
 
 
 def _families(registry) -> dict:
@@ -49,8 +50,10 @@ def worker(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 123)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 456)
+    from workers.goodput import Ledger
+
     metrics = WorkerMetrics("run-a", 1, "10.0.0.7", restarts=2, planned_steps=90, checkpoint_interval_steps=6,
-                            device=FakeCuda())
+                            device=FakeCuda(), flops_per_sample=2.2e9, peak_flops=989e12, ledger=Ledger())
     yield metrics
     metrics.close()
 
@@ -95,6 +98,8 @@ def test_worker_metric_names_follow_conventions_and_match_the_readme(worker):
     assert values["alexray_checkpoint_written_bytes_total"] == 1_000_000
     assert values["alexray_data_corrupt_samples_skipped_total"] == 2  # steps 1 and 3 skipped one each
     assert values["alexray_shard_rejected_images_total"] == 2
+    assert values["alexray_model_flops_per_sample"] == 2.2e9 and values["alexray_device_peak_flops"] == 989e12
+    assert {s.labels["category"] for s in families["alexray_run_seconds"].samples} == set(CATEGORIES)
 
 
 def test_series_do_not_grow_with_steps(worker):
@@ -290,6 +295,51 @@ def test_watch_names_the_missing_run_and_the_fix(tmp_path):
         rules = json.loads(urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5).read())["data"]["groups"]
         assert sorted(g["name"] for g in rules) == ["alexray-alerts", "alexray-recording"]
 
+
+def test_the_summary_of_a_run_that_no_longer_reports_keeps_its_last_values(monkeypatch, tmp_path):
+    """A run's series go stale as soon as its workers are gone: the summary line (``watch``'s and the
+    dashboard's) shows them as they were last scraped, and whether the run finished or when it last reported."""
+    from alexray_core.spec import load_spec
+    from orchestrator.monitor import render, snapshot, start_dashboard
+    from tests.support.waiting import wait_until
+    from workers.metrics import worker_metrics
+
+    targets = tmp_path / "targets"
+    monkeypatch.setenv(discovery.TARGETS_ENV, str(targets))
+    with start_prometheus(tmp_path / "prom", targets_dir=targets, ray_sd_file=None, scrape_interval="1s",
+                          evaluation_interval="1s") as started:
+        prom = Prometheus(started.url)
+        steps = {"ended": 4, "cut": 2}  # of 4 planned
+        workers = []
+        for run, done in steps.items():
+            spec = load_spec({"data": {"path": "/nowhere"}, "run": {"name": run}, "train": {"max_steps": 4}})
+            workers.append(worker_metrics(spec, 0, 1, 0, 10, on_ray=False))
+            for step in range(done):
+                workers[-1].trained(32, 1.0 / (step + 1), 0.01, 0, step + 1)
+            workers[-1].evaluated({"val_top1": 0.5, "val_top5": 0.9, "val_skipped": 0})
+        wait_until(lambda: prom.scalar_by("count_over_time(alexray_eval_top1_ratio[1m])", "run").keys() == steps.keys()
+                   and min(prom.scalar_by("count_over_time(alexray_eval_top1_ratio[1m])", "run").values()) >= 2, 30,
+                   "two scrapes of both runs")  # a rate needs two
+        assert snapshot(prom, "cut")["state"] == "running"
+        for worker in workers:
+            worker.close()
+        wait_until(lambda: not prom.query("alexray_train_step"), 30, "the series to go stale")
+        ended = snapshot(prom, "ended", lookback_s=300)
+        server = start_dashboard(started.url)
+        try:
+            with urllib.request.urlopen(f"{server.url}api/figures?run=cut&minutes=5", timeout=30) as response:
+                page = json.loads(response.read())["summary"]
+        finally:
+            server.stop()
+        never = snapshot(prom, "never")
+    assert ended["state"] == "finished" and (ended["step"], ended["planned_steps"], ended["top1"]) == (4, 4, 0.5)
+    assert ended["workers"] and ended["restarts"] == 0 and ended["eta_s"] is None
+    assert re.search(r"step 4/4 .* restarts 0   finished$", render(ended, prom.url), re.MULTILINE)
+    assert page["state"] == "stopped" and (page["step"], page["planned_steps"], page["top1"]) == (2, 4, 0.5)
+    assert re.fullmatch(r"last report \d+ s ago", page["status"]), page["status"]
+    assert 0 <= page["time"] - page["last_report"] < 60
+    assert never["state"] == "none" and never["step"] is None
+    assert "no report in the last 60 min for this run" in render(never, prom.url)
 
 def test_the_driver_publishes_the_newest_worker_group_and_cleans_up(monkeypatch, tmp_path):
     """The GCS store is replaced by a dict: what matters here is what reaches the file."""

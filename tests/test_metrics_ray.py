@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from alexray_core import discovery
+from alexray_core.goodput import CATEGORIES
 from alexray_core.localcluster import start_local_cluster, stop_local_cluster
 from orchestrator.prometheus import Prometheus, free_port, start_prometheus
 from tests.support.waiting import wait_until
@@ -86,7 +87,7 @@ def monitored(tmp_path_factory):
         prom = start_prometheus(root / "prometheus", targets_dir=targets, ray_sd_file=None,
                                 scrape_interval="1s", evaluation_interval="1s")
         spec = write_spec(root / "spec.yaml", str(digits), str(root / "runs"), run={"name": RUN},
-                          train={"epochs": 40, "log_every": 6}, failure={"max_failures": 3},
+                          train={"epochs": 40, "log_every": 6, "peak_tflops": 0.05}, failure={"max_failures": 3},
                           debug={"step_delay": 0.15}, scaling={"num_workers": 2, "cpus_per_worker": 1.0})
         started = time.time()
         log = open(root / "driver.log", "w")  # a file, not a pipe: a full pipe would block the driver
@@ -141,7 +142,8 @@ def test_labels_stay_bounded_while_the_run_goes_on(monitored):
     new = {dict(s)["__name__"] for s in after - before}
     assert new <= {"alexray_eval_top1_ratio", "alexray_eval_top5_ratio"}, after - before  # first evaluation only
     for labels in map(dict, after):
-        assert set(labels) <= {"__name__", "job", "instance", "run", "rank", "node", "le", "phase"}, labels
+        assert set(labels) <= {"__name__", "job", "instance", "run", "rank", "node", "le", "phase", "category"}, labels
+        assert labels.get("category", "productive") in CATEGORIES, labels  # nine at most
         assert labels["run"] == RUN and labels["rank"] in ("0", "1") and labels["node"] in _nodes(monitored), labels
         assert labels["instance"] == f"{RUN}/{labels['rank']}", labels
     assert len(after) < 150
@@ -155,11 +157,15 @@ def test_watch_shows_every_worker(monitored):
         assert done.returncode == 0, done.stderr
         assert f"run {RUN}" in done.stdout
         rows = {m.group(1): float(m.group(2)) for m in
-                re.finditer(r"^\s+(\d+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+%", done.stdout, re.MULTILINE)}
+                re.finditer(r"^\s+(\d+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+ [MGTP]?FLOP/s\s+[\d.]+%", done.stdout,
+                            re.MULTILINE)}
         assert set(rows) == {"0", "1"} and all(v > 0 for v in rows.values()), done.stdout
         total = float(re.search(r"^total ([\d.]+) img/s", done.stdout, re.MULTILINE).group(1))
         assert abs(total - sum(rows.values())) < 0.2, done.stdout
         assert re.search(r"ETA \d+:\d\d:\d\d", done.stdout), done.stdout
+        assert re.search(r"img/s   [\d.]+ [MGTP]?FLOP/s   MFU [\d.]+%", done.stdout), done.stdout  # train.peak_tflops
+        assert re.search(r"goodput \d+%", done.stdout) and re.search(r"^ +\d+% \|[PDCESLRXW ]+$", done.stdout,
+                                                                      re.MULTILINE), done.stdout
 
 
 def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
@@ -186,6 +192,11 @@ def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
     recorded = prom.query_range(f"run:alexray_worker_restarts:max{{{SEL}}}", killed_at - 20, back_at, 1)
     values = [float(v) for _, v in recorded[0]["values"]]
     assert values[0] == 0 and values[-1] == 1, values
+    # the restart's cost is in the run's account: the time from the kill to the first batch after it
+    recovery = prom.scalar_by(f'sum(alexray_run_seconds_total{{{SEL}, category="recovery"}})', "")
+    assert next(iter(recovery.values()), 0) > 0, recovery
+    goodput = prom.scalar_by(f"run:alexray_goodput:ratio_rate5m{{{SEL}}}", "")
+    assert 0 < next(iter(goodput.values()), 0) < 1, goodput
     firing = _wait(lambda: [a for a in prom.alerts() if a["labels"]["alertname"] == "AlexrayWorkerRestarted"
                             and a["labels"].get("run") == RUN and a["state"] == "firing"], 30, "the restart alert")
     assert firing
@@ -215,12 +226,13 @@ def test_dashboard_page_plots_the_run_in_chromium(monitored, tmp_path):
     assert 'data-loaded="1"' in dom, dom[-2000:]
     charts = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
         r'data-figure="(\w+)" data-series="(\d+)" data-points="(\d+)"', dom)}
-    assert set(charts) == {"images", "data_wait", "step_time", "loss", "accuracy"}, charts
+    assert set(charts) == {"images", "flops", "goodput", "data_wait", "step_time", "loss", "accuracy"}, charts
     for figure, (series, points) in charts.items():
         assert series >= 1 and points >= series, (figure, series, points)  # the page drops empty series
     images_series, images_points = charts["images"]
     assert images_series >= 3 and images_points > 3 * images_series  # the total and one line per rank, over time
-    assert f"run {RUN}" in dom and "img/s" in dom
+    assert charts["goodput"][0] >= 3  # stacked: productive, start-up, data wait at least
+    assert f"run {RUN}" in dom and "img/s" in dom and re.search(r"MFU \d+(\.\d+)?%", dom), dom[-2000:]
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.copy(shot, tmp_path / "dashboard.png")  # kept with the test's files for a look
 

@@ -292,6 +292,8 @@ def test_ddp_across_nodes_then_a_lost_node_is_replaced(nodes, s3_digits, tmp_pat
     assert summary["steps"] == 30 and summary["restarts"] >= 1, out[-3000:]
     resumed = [json.loads(p.read_text())["resumed_from_step"] for p in sorted((run / "attempts").glob("*.json"))]
     assert resumed[0] is None and resumed[1] >= 4  # from a checkpoint, not from step 0
+    seconds = summary["goodput"]["seconds"]
+    assert seconds["recovery"] > 0 and seconds["lost_work"] > 0, summary["goodput"]
     _assert_exactly_once(run, epochs=2)
 
 
@@ -320,6 +322,8 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(nodes, s3_digits, tmp_p
     assert summary["steps"] == 45 and summary["samples"] == 45 * BATCH
     by_world = steps_by_world_size(run)
     assert by_world.get(1) and by_world.get(2), by_world  # trained at both sizes
+    goodput = summary["goodput"]  # the slot without a worker while the run was one node short
+    assert goodput["slots"] == 2 and goodput["seconds"]["waiting_for_resources"] > 0, goodput
     _assert_exactly_once(run, epochs=3)
 
 
@@ -348,5 +352,7 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes(nodes, s3_digits, tmp
     run = _run_files(s3_server, "preempted", tmp_path)
     resumed = [json.loads(p.read_text())["resumed_from_step"] for p in sorted((run / "attempts").glob("*.json"))]
     assert resumed[:2] == [None, step] and 3 <= step < 15
-    assert json.loads((run / "summary.json").read_text())["steps"] == 15
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 15
+    assert summary["goodput"]["seconds"]["preemption"] > 0, summary["goodput"]  # Ray said: a preemption
     _assert_exactly_once(run, epochs=1)

@@ -101,11 +101,13 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
                         failure={"max_failures": 3}, train=common["train"],
                         debug={"sample_log": True, "step_delay": 0.15, "checkpoint_delay": 2.0})
     run_dir = tmp_path / "runs" / "faulty"
+    started = time.time()
     proc = start_alexray("train", faulty, env=env)
     # 1) mid-epoch, between the checkpoints of steps 6 and 12, once Ray has taken the first one (its
     # controller collects reports every 2 s; the step-12 one takes checkpoint_delay longer than that)
     _wait_for(lambda: _progress_step(run_dir) >= 9 and _registered(run_dir) == "checkpoint_e0000_s000000006", proc,
               what="step 9 with the step-6 checkpoint registered")
+    reached = _progress_step(run_dir)  # the kill comes at this step or after
     os.kill(_train_workers()[0], signal.SIGKILL)
     # 2) rank 0's worker, while it writes the epoch-end checkpoint (step 18): its files are in its
     # scratch folder and it sleeps checkpoint_delay before complete.json
@@ -116,6 +118,7 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
     os.kill(writer, signal.SIGKILL)
     assert (folder / "state.json").exists() and not (folder / "complete.json").exists()  # killed mid-write
     _finish(proc)
+    wall = time.time() - started
 
     summary = read_json(run_dir / "summary.json")
     assert summary["steps"] == expected["steps"] == 36
@@ -127,6 +130,15 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
     # half-written one of step 18, whose folder the restart removed as a killed worker's scratch
     assert resumed[2] in (6, 12), resumed
     assert not folder.exists()
+    # Goodput: two slots' time, all of it accounted for; each redone step took at least step_delay
+    # on both ranks, the first time or the second
+    goodput = summary["goodput"]
+    seconds, slots = goodput["seconds"], goodput["slots"]
+    assert slots == 2 and abs(sum(seconds.values()) / slots - wall) <= 0.02 * wall, (wall, goodput)
+    redone = (reached - 6) + (18 - resumed[2])
+    assert seconds["lost_work"] >= slots * redone * 0.15, (redone, goodput)
+    assert seconds["recovery"] > 0 and seconds["productive"] > 0 and seconds["startup"] > 0, goodput
+    assert len(list((run_dir / "goodput").glob("failure-*.json"))) == 2
     for epoch, counts in sample_log(run_dir).items():
         assert len(counts) == 18 * 32 and max(counts.values()) == 1, epoch
     assert sample_log(run_dir) == sample_log(tmp_path / "runs" / "reference")

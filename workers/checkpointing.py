@@ -15,12 +15,19 @@ thread without publishing: a half-taken checkpoint never becomes the one a resta
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from typing import Callable
 
 import torch
 
+from alexray_core.goodput import CHECKPOINT_STALL
+
 from . import checkpoint as ckpt
 from .runstore import RunStore
+
+log = logging.getLogger("alexray.checkpoint")
 
 
 class CheckpointManager:
@@ -28,11 +35,16 @@ class CheckpointManager:
     sums ``values`` over the ranks; ``state`` is the run's ``TrainState``, updated in place by the
     loop and recorded (with the schedule's state) at each ``save``."""
 
+    MAX_PENDING_UPLOADS = 4  # checkpoint copies of one worker waiting on the local disk for Ray's upload
+
     def __init__(self, session, store: RunStore, state: ckpt.TrainState, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, schedule, *, attempt: int,
                  agree: Callable[[list[float]], list[float]], async_upload: bool, delay: float = 0.0,
-                 on_written: Callable[[float, int], None] | None = None):
+                 on_written: Callable[[float, int], None] | None = None, ledger=None):
         self.session, self.store, self.state = session, store, state
+        # the time the loop spends in these calls is the checkpoint's stall (workers.goodput)
+        self.stall = (lambda: ledger.charging(CHECKPOINT_STALL)) if ledger is not None else contextlib.nullcontext
+        self.ledger = ledger
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.attempt, self.agree, self.async_upload, self.delay = attempt, agree, async_upload, delay
         self.writer = ckpt.BackgroundWriter(on_written=on_written)
@@ -47,6 +59,8 @@ class CheckpointManager:
         """Snapshot now and write on the thread; published by a later ``maybe_publish`` or ``finish``.
 
         ``now``: write, upload and publish before returning (a node is about to go)."""
+        with self.stall():
+            self._wait_for_uploads()
         state, rank = self.state, self.session.rank
         state.schedule = self.schedule.state_dict()
         state.metrics = metrics
@@ -54,22 +68,43 @@ class CheckpointManager:
         name = self.store.checkpoint_name(state.epoch, state.global_step, self.attempt)
         report = {**metrics, "epoch": state.epoch, "global_step": state.global_step}
         upload_async = self.async_upload and not now
-        self.writer.start(directory, rank, state, self.model.state_dict() if rank == 0 else None,
-                          self.optimizer.state_dict() if rank == 0 else None,
-                          lambda: self.session.save_checkpoint(directory, name, report, upload_async), self.delay)
-        if now:
-            self.writer.finish()
+        with self.stall():
+            self.writer.start(directory, rank, state, self.model.state_dict() if rank == 0 else None,
+                              self.optimizer.state_dict() if rank == 0 else None,
+                              lambda: self.session.save_checkpoint(directory, name, report, upload_async), self.delay)
+            if now:
+                self.writer.finish()
+            if self.ledger is not None:
+                self.ledger.persist(force=True)
+
+    def _wait_for_uploads(self) -> None:
+        """Hold the loop while more than MAX_PENDING_UPLOADS of its checkpoints wait for their upload.
+
+        Ray takes one report per poll of its controller (every 2 s): checkpoints saved faster than
+        that would pile up, each a full copy on the local disk, without bound. Waiting here keeps at
+        most this many copies; the time shows as checkpoint stall."""
+        started = last_said = time.monotonic()
+        while self.store.scratch_count("ckpt") > self.MAX_PENDING_UPLOADS:
+            if time.monotonic() - last_said > 60:
+                last_said = time.monotonic()
+                log.warning("checkpoint: %d checkpoints of this worker still wait for their upload after %.0f s; "
+                            "training waits for them (save less often: checkpoint.every_steps)",
+                            self.store.scratch_count("ckpt"), last_said - started)
+            time.sleep(0.1)
 
     def maybe_publish(self) -> None:
         """Publish the checkpoint in flight if every rank has written it. Every rank must call this
         at the same point of the same steps: the ranks agree on the step, since Ray's report is a
         barrier. Training never waits for a write in progress."""
-        if self.writer.busy and self.agree([float(self.writer.written)])[0] == self.session.world_size:
-            self.writer.finish()
+        if self.writer.busy:
+            with self.stall():
+                if self.agree([float(self.writer.written)])[0] == self.session.world_size:
+                    self.writer.finish()
 
     def finish(self) -> None:
         """Wait for the checkpoint in flight and publish it (the run's last)."""
-        self.writer.finish()
+        with self.stall():
+            self.writer.finish()
 
     def close(self) -> None:
         """Wait for a write in progress without publishing it: never leave the thread writing at exit."""

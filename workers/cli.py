@@ -9,6 +9,7 @@ import os
 import sys
 
 from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, AlexrayError
+from alexray_core.goodput import process_start_time
 from alexray_core.spec import JobSpec, load_spec
 from data_prep.errors import ShardError
 
@@ -21,6 +22,7 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on (default: RAY_ADDRESS, else a local cluster started for the job)")
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (one worker)")
+    p.add_argument("--submitted-at", type=float, default=None, help=argparse.SUPPRESS)  # set by 'alexray submit'
     return p
 
 
@@ -31,11 +33,11 @@ def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
     try:
         spec = load_spec(args.spec, args.overrides)
         if args.no_ray:
-            summary = _train_here(spec)
+            summary = _train_here(spec, args.submitted_at)
         else:
             from .launch import launch
 
-            summary = launch(spec, args.address or os.environ.get("RAY_ADDRESS"))
+            summary = launch(spec, args.address or os.environ.get("RAY_ADDRESS"), args.submitted_at)
     except AlexrayError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
     return 0
 
 
-def _train_here(spec: JobSpec) -> dict:
+def _train_here(spec: JobSpec, submitted: float | None = None) -> dict:
     """The run in this process. Data that fails it part-way (a shard that vanished, was refused or
     changed, storage that went away) fails the run, as it would on Ray; the spec and checkpoint
     problems found as it starts keep their own exit code."""
@@ -55,7 +57,7 @@ def _train_here(spec: JobSpec) -> dict:
 
     run_dir = prepare_run(spec)
     try:
-        return run_local(spec, run_dir)
+        return run_local(spec, run_dir, submitted or process_start_time())
     except ShardError as e:
         raise AlexrayError(f"training failed: {e}", exit_code=EXIT_FAILED) from None
 

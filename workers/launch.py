@@ -17,10 +17,12 @@ from urllib.parse import urlparse
 from alexray_core import runs
 from alexray_core.discovery import TargetPublisher
 from alexray_core.errors import EXIT_FAILED, AlexrayError
+from alexray_core.goodput import process_start_time
 from alexray_core.localcluster import LOOPBACK_ONLY, use_private_token
 from alexray_core.spec import JobSpec, check_same_job, new_run_name
 from data_prep.manifest import check_dataset
 
+from .goodput import close_account, open_account
 from .runstore import RunStore
 
 log = logging.getLogger("alexray.launch")
@@ -61,8 +63,11 @@ def prepare_run(spec: JobSpec) -> str:
     return run_dir
 
 
-def launch(spec: JobSpec, address: str | None = None) -> dict:
-    """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it."""
+def launch(spec: JobSpec, address: str | None = None, submitted: float | None = None) -> dict:
+    """Run the job on a Ray cluster (a local one is started when ``address`` is None) and wait for it.
+
+    ``submitted``: when the run was submitted (its account starts there), else this process's start."""
+    submitted = submitted or process_start_time()
     if not address and "ray" not in sys.modules:  # Ray reads the switch when it is imported
         for name, value in LOOPBACK_ONLY.items():
             os.environ.setdefault(name, value)
@@ -70,7 +75,8 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
 
     run_dir = prepare_run(spec)
     token_dir = None
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         if address:
             try:
                 ray.init(address=address, logging_level="ERROR")
@@ -86,11 +92,13 @@ def launch(spec: JobSpec, address: str | None = None) -> dict:
                 shutil.rmtree(token_dir, ignore_errors=True)
                 raise
     try:
-        return _fit(spec, run_dir)
+        _fit(spec, run_dir, submitted)
     finally:
-        if token_dir is not None:  # the cluster is this job's: stop it, then drop its token
+        if connected_here:  # disconnect (and stop the cluster if it is this job's) before the account closes
             ray.shutdown()
+        if token_dir is not None:  # the cluster was this job's: drop its token
             shutil.rmtree(token_dir, ignore_errors=True)
+    return close_account(run_dir, submitted)  # the run's time ends here: only printing the summary is left
 
 
 class RunFailed(AlexrayError):
@@ -99,7 +107,7 @@ class RunFailed(AlexrayError):
     exit_code = EXIT_FAILED
 
 
-def _fit(spec: JobSpec, run_dir: str) -> dict:
+def _fit(spec: JobSpec, run_dir: str, submitted: float) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig
 
@@ -113,7 +121,8 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
     storage_path, filesystem = ray_storage(spec.run.storage)
     trainer = FailFastTrainer(
         train_func,
-        train_loop_config={"spec": spec.to_dict(), "run_dir": run_dir},
+        train_loop_config={"spec": spec.to_dict(), "run_dir": run_dir, "submitted": submitted},
+        run_dir=run_dir,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources,
@@ -124,6 +133,7 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
     )
     log.warning("run %s: %s", spec.run.name, run_dir)
+    open_account(run_dir, submitted, hi)
     with TargetPublisher(spec.run.name):  # Prometheus finds the workers through this driver (see discovery)
         try:
             trainer.fit()
@@ -131,7 +141,6 @@ def _fit(spec: JobSpec, run_dir: str) -> dict:
             for rank, error in user_errors(e).items():  # what the user must fix, as the worker said it
                 raise RunFailed(f"training failed on rank {rank}: {error}") from None
             raise RunFailed(f"training failed: {_last_line(e)}") from None
-    return RunStore(run_dir).summary() or {}
 
 
 def _last_line(error: BaseException) -> str:

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from alexray_core import discovery
 from alexray_core.spec import planned_steps
 
+from .goodput import LedgerCollector
+
 log = logging.getLogger("alexray.metrics")
 disable_created_metrics()  # no *_created series: every name stays a documented one
 
@@ -50,7 +52,8 @@ class NullMetrics:
 
 class WorkerMetrics(NullMetrics):
     def __init__(self, run: str, rank: int, node: str, *, restarts: int = 0, planned_steps: int = 0,
-                 checkpoint_interval_steps: int = 0, device=None):
+                 checkpoint_interval_steps: int = 0, device=None, flops_per_sample: float = 0.0,
+                 peak_flops: float | None = None, ledger=None):
         self.registry = registry = CollectorRegistry()
         self.rank = rank
         values = {"run": run, "rank": str(rank), "node": node}
@@ -92,6 +95,16 @@ class WorkerMetrics(NullMetrics):
         self._corrupt_train = corrupt.labels(**values, phase="train")
         self._corrupt_eval = corrupt.labels(**values, phase="eval")
         make(Counter, "alexray_worker_restarts", "Restarts of the worker group before this start").inc(restarts)
+        # FLOP/s and MFU are these times the images' rate (cluster/prometheus/rules/recording.yml)
+        make(Gauge, "alexray_model_flops_per_sample",
+             "Training FLOPs of one sample, forward and backward (torch.utils.flop_counter, at the run's image size)"
+             ).set(flops_per_sample)
+        if peak_flops:  # absent, not 0, where unknown: no MFU on the CPU or an unknown GPU
+            make(Gauge, "alexray_device_peak_flops",
+                 "Dense peak FLOP/s of this worker's device at the run's precision (train.peak_tflops or the GPU table)"
+                 ).set(peak_flops)
+        if ledger is not None:  # alexray_run_seconds_total{category}: read from the ledger at scrape time
+            registry.register(LedgerCollector(ledger, values))
         if device is not None and getattr(device, "type", None) == "cuda":
             import torch
 
@@ -169,7 +182,8 @@ def _ray_node_ip() -> str:
 
 
 def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_epoch: int, device=None,
-                   on_ray: bool = True) -> NullMetrics:
+                   on_ray: bool = True, ledger=None, flops_per_sample: float = 0.0,
+                   peak_flops: float | None = None) -> NullMetrics:
     """The metrics of this worker, served and registered for discovery; NullMetrics when turned off
     or when the endpoint cannot start (training never fails for monitoring)."""
     if not discovery.metrics_enabled():
@@ -184,7 +198,8 @@ def worker_metrics(spec, rank: int, world_size: int, restarts: int, steps_per_ep
         else:
             node = "127.0.0.1"
         metrics = WorkerMetrics(run, rank, node, restarts=restarts, planned_steps=planned_steps(spec, steps_per_epoch),
-                                checkpoint_interval_steps=interval, device=device)
+                                checkpoint_interval_steps=interval, device=device,
+                                flops_per_sample=flops_per_sample, peak_flops=peak_flops, ledger=ledger)
         address = metrics.serve(node)
         labels = {"run": run, "rank": str(rank), "node": node, "instance": f"{run}/{rank}"}
         if on_ray:

@@ -82,6 +82,13 @@ class RunStore(runs.RunFiles):
         prefix = f"{kind}-{socket.gethostname()}-p{pid or os.getpid()}-"
         return tempfile.mkdtemp(prefix=prefix, dir=self.scratch_root)
 
+    def scratch_count(self, kind: str) -> int:
+        """This process's scratch folders of ``kind``: for checkpoints, those written and not yet
+        uploaded (Ray deletes each once it has uploaded it) plus the one being written."""
+        if not self.scratch_root.is_dir():
+            return 0
+        return sum(1 for _ in self.scratch_root.glob(f"{kind}-{socket.gethostname()}-p{os.getpid()}-*"))
+
     def clean_scratch(self) -> int:
         """Remove this run's scratch folders whose process on this host is gone; returns how many."""
         removed, host = 0, socket.gethostname()
@@ -290,6 +297,7 @@ def summary_of(spec, state: ckpt.TrainState, weights: dict, attempt: int, wall_s
     return {"run_name": spec.run.name, "epochs": state.epoch, "steps": state.global_step,
             "samples": state.samples_seen, "top1": last.get("val_top1"), "top5": last.get("val_top5"),
             "best_top1": state.best_top1 if state.best_top1 >= 0 else None,
-            "images_per_s": state.metrics.get("images_per_s"), "wall_seconds": wall_seconds,
+            "images_per_s": state.metrics.get("images_per_s"), "flops_per_s": state.metrics.get("flops_per_s"),
+            "mfu": state.metrics.get("mfu"), "wall_seconds": wall_seconds,
             "restarts": attempt, "final_weights_sha256": weights_sha256(weights), "history": state.history,
             "model": state.model}

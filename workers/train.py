@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from alexray_core import goodput
 from alexray_core.spec import JobSpec, SpecError, spec_from_dict
 from alexray_core.spec import check_resumed_identity
 from alexray_core.spec import run_identity as identity
@@ -35,6 +36,8 @@ from .checkpointing import CheckpointManager
 from .data import SplitInfo, load_manifest, split_info, too_many_skipped, train_batches
 from .evaluation import count_predictions, evaluation_batches
 from .finetune import load_backbone, param_groups
+from .flops import device_peak_flops, mfu, training_flops_per_sample
+from .goodput import Ledger, close_account, open_account
 from .gpu_decode import decode_on_device, gpu_train_batches
 from .hooks import DebugHooks
 from .metrics import NullMetrics, worker_metrics
@@ -188,6 +191,9 @@ class Run:
     use_bf16: bool
     channels_last: bool
     device_decode: bool  # data.decode resolved: batches decoded by gpu_decode on the device
+    ledger: Ledger  # where this worker's wall time goes (alexray_core.goodput)
+    flops_per_sample: float  # model FLOPs of one training sample (3x its forward pass: workers.flops)
+    peak_flops: float | None  # one device's dense peak FLOP/s at the run's precision; None: unknown (no MFU)
     preempted: bool = False  # a node announced it is going: its checkpoint is taken, no more checks
 
     @property
@@ -278,8 +284,10 @@ def _wrap(model: torch.nn.Module, spec: JobSpec, session: Session) -> torch.nn.M
     return train_model
 
 
-def set_up(spec: JobSpec, run_dir: str, session: Session) -> Run:
-    """Build the model, optimizer and schedule, resume from the run's checkpoints, record this start."""
+def set_up(spec: JobSpec, run_dir: str, session: Session, ledger: Ledger, submitted: float | None = None) -> Run:
+    """Build the model, optimizer and schedule, resume from the run's checkpoints, record this start.
+
+    ``ledger`` was started when the worker was; ``submitted``: when the run was submitted."""
     t = spec.train
     _configure_determinism(spec)
     store = RunStore(run_dir)
@@ -289,16 +297,21 @@ def set_up(spec: JobSpec, run_dir: str, session: Session) -> Run:
     device_decode = decode_on_device(spec.data.decode, session.device)  # before any work: gpu may be refused
     train_split, val_split = _load_splits(spec)
     model, optimizer, schedule, state, steps_per_epoch = _build(spec, session, train_split, channels_last)
+    flops = training_flops_per_sample(model, spec.data.image_size)
+    peak = device_peak_flops(session.device, use_bf16, t.peak_tflops)
     resumed = _resume(spec, session, store, model, optimizer, schedule)
     state = resumed or state
     attempt = store.begin_attempt(session.rank, resumed_from=resumed.global_step if resumed else None)
     attempt = int(_all_reduce([attempt], session.device)[0])  # rank 0 counted the starts; every rank labels with it
+    ledger.begin(store, attempt, session.rank, session.world_size, spec.worker_range()[1], submitted)
+    ledger.step = state.global_step
     meter = worker_metrics(spec, session.rank, session.world_size, attempt, steps_per_epoch, session.device,
-                           on_ray=isinstance(session, RaySession))
+                           on_ray=isinstance(session, RaySession), ledger=ledger, flops_per_sample=flops,
+                           peak_flops=peak)
     train_model = _wrap(model, spec, session)
     model.train()
     return Run(spec, session, store, train_split, val_split, model, train_model, optimizer, schedule, state, meter,
-               attempt, use_bf16, channels_last, device_decode)
+               attempt, use_bf16, channels_last, device_decode, ledger, flops, peak)
 
 
 # ---- an epoch -------------------------------------------------------------------------------------
@@ -345,9 +358,12 @@ class _ProgressWindow:
         elapsed = time.perf_counter() - self.start
         self.read_losses()
         images_total, loss_total, loss_n = run.agree([self.images, self.loss_sum, self.loss_count])
+        images_per_s = images_total / max(1e-9, elapsed)
         state.metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
                          "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
-                         "images_per_s": images_total / max(1e-9, elapsed), "attempt": run.attempt}
+                         "images_per_s": images_per_s, "flops_per_s": images_per_s * run.flops_per_sample,
+                         "mfu": mfu(images_per_s, run.flops_per_sample, run.peak_flops and run.peak_flops * run.world),
+                         "attempt": run.attempt}
         if run.rank == 0:
             run.store.write_progress(state.metrics)
 
@@ -429,7 +445,9 @@ def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks:
     state.epoch, state.step_in_epoch = epoch, start_step
     window, skipped, finished = _ProgressWindow(), 0, False
     rank_samples = plan.steps * (t.global_batch_size // run.world)
-    with contextlib.closing(run.meter.timed(_train_batches(run, plan, start_step))) as batches:
+    run.ledger.wait_for_data()
+    batches = run.ledger.timed(_train_batches(run, plan, start_step), state.global_step)
+    with contextlib.closing(run.meter.timed(batches)) as batches:
         for batch in batches:
             skipped += batch.skipped
             any_samples = _agree_to_step(run, batch, epoch, skipped, rank_samples)
@@ -449,6 +467,7 @@ def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks:
             if due:
                 window.report(run, epoch, plan, lr)
                 window = _ProgressWindow()
+                run.ledger.persist()
             _checkpoint_if_due(run, epoch, at_end, checkpoints, hooks)
             if state.global_step == t.max_steps:
                 finished = True
@@ -506,21 +525,26 @@ def end_epoch(run: Run, epoch: int, outcome: EpochOutcome) -> dict:
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
+def train_loop(spec: JobSpec, run_dir: str, session: Session, submitted: float | None = None,
+               ledger: Ledger | None = None) -> dict:
     """Train this rank's share of the run to its end; rank 0 returns the run's summary, the others {}."""
-    run = set_up(spec, run_dir, session)
+    ledger = ledger or Ledger()
+    run = set_up(spec, run_dir, session, ledger, submitted)
     hooks = DebugHooks(spec.debug, run.store, run.rank, run.world, run.attempt)
     with CheckpointManager(session, run.store, run.state, run.model, run.optimizer, run.schedule,
                            attempt=run.attempt, agree=run.agree, async_upload=spec.checkpoint.async_upload,
-                           delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written) as checkpoints:
+                           delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written,
+                           ledger=ledger) as checkpoints:
         for epoch in range(run.state.epoch, spec.train.epochs):
             if spec.train.max_steps and run.state.global_step >= spec.train.max_steps:
                 break  # resumed at (or past) max_steps: its checkpoint holds the finished run
             outcome = train_one_epoch(run, epoch, checkpoints, hooks)
+            ledger.enter(goodput.EVALUATION)
             checkpoints.save(end_epoch(run, epoch, outcome))
             if outcome.finished:
                 break
         checkpoints.finish()
+    ledger.persist(force=True)
     run.meter.close()
     return run.store.write_summary(spec, run.state, run.model.state_dict(), run.attempt) if run.rank == 0 else {}
 
@@ -528,10 +552,14 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session) -> dict:
 def train_func(config: dict) -> None:
     """Entry point of each Ray Train worker."""
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
+    ledger = Ledger()  # from the worker's first moment: building the model and resuming are start-up
     spec = spec_from_dict(config["spec"])
-    train_loop(spec, config["run_dir"], RaySession())
+    train_loop(spec, config["run_dir"], RaySession(), config.get("submitted"), ledger)
 
 
-def run_local(spec: JobSpec, run_dir: str) -> dict:
+def run_local(spec: JobSpec, run_dir: str, submitted: float | None = None) -> dict:
     """The same loop in this process, without Ray (debugging, GPU benchmarks on a machine without Ray)."""
-    return train_loop(spec, run_dir, LocalSession(run_dir, spec.checkpoint.keep))
+    submitted = submitted or time.time()
+    open_account(run_dir, submitted, slots=1)
+    summary = train_loop(spec, run_dir, LocalSession(run_dir, spec.checkpoint.keep), submitted)
+    return close_account(run_dir, submitted, summary)

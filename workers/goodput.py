@@ -1,0 +1,189 @@
+"""A worker's ledger: its wall time in ``alexray_core.goodput``'s categories, as it goes.
+
+The loop says which category it enters (``enter``, ``charging``, ``timed``); the time since the
+last change goes to the category it leaves, so the ledger's seconds always add up to the worker's
+wall time. Per step that is two clock reads under an uncontended lock; the counter Prometheus
+scrapes is computed from the ledger at scrape time, on the endpoint's thread.
+
+The ledger is written to ``goodput/ledger-aATTEMPT-rRANK.json`` in the run directory at the
+progress lines (at most every ``PERSIST_EVERY_S``), at each checkpoint and at the end: what a
+killed worker did after its last record is charged as lost work when the run's account is made.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+from prometheus_client.core import CounterMetricFamily
+
+from alexray_core import goodput as g
+from alexray_core import runs
+
+PERSIST_EVERY_S = 5.0
+
+
+class Ledger:
+    def __init__(self):
+        self.started = time.time()
+        self._clock = time.perf_counter
+        self._since = self._clock()
+        self._started_clock = self._since
+        self._category = g.STARTUP  # until the first batch of this start
+        self.seconds = dict.fromkeys(g.CATEGORIES, 0.0)
+        self._lock = threading.Lock()
+        self.opening = dict.fromkeys(g.CATEGORIES, 0.0)  # the gap before this start, for the live counter
+        self.high_water = 0  # steps up to here were taken by an earlier start: lost work when taken again
+        self.waiting_slots = 0  # slots of an elastic run without a worker (counted by rank 0)
+        self.store = self.name = None
+        self.attempt = self.rank = 0
+        self.world = 1
+        self.step = 0
+        self._persisted = 0.0
+
+    # ---- where this start stands in the run -----------------------------------------------------
+
+    def begin(self, store, attempt: int, rank: int, world: int, slots: int, submitted: float | None) -> None:
+        """Name this start in the run: what came before it sets its first category (start-up,
+        recovery or preemption), the steps to count as lost work, and the gap before it."""
+        self.store, self.attempt, self.rank, self.world = store, attempt, rank, world
+        self.name = g.ledger_name(attempt, rank)
+        self.waiting_slots = max(0, slots - world) if rank == 0 else 0
+        _, records, failures = g.read_records(store.storage)
+        earlier = [r for r in records if r.attempt < attempt]
+        self.high_water = g.high_water(earlier, attempt)
+        mine = [r for r in earlier if r.rank == rank]
+        if attempt == 0 or not earlier:
+            if submitted:
+                self.opening[g.STARTUP] = max(0.0, self.started - submitted)
+            return
+        failures.sort(key=lambda f: f.time)
+        latest = next((f for f in reversed(failures) if f.time <= self.started), None)
+        with self._lock:
+            self._category = g.PREEMPTION if latest and latest.preemption else g.RECOVERY
+        if mine:
+            previous = max(mine, key=lambda r: r.attempt)
+            g.gap(self.opening, previous.updated, self.started, failures)
+
+    # ---- the loop's calls ---------------------------------------------------------------------------
+
+    def enter(self, category: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self.seconds[self._category] += now - self._since
+            self._category, self._since = category, now
+
+    @contextmanager
+    def charging(self, category: str):
+        """The block's time to ``category``, then back to what the loop was doing."""
+        previous = self._category
+        self.enter(category)
+        try:
+            yield
+        finally:
+            self.enter(previous)
+
+    def wait_for_data(self) -> None:
+        """An epoch begins: what follows waits for data, unless this start has had no batch yet."""
+        if self._category not in (g.STARTUP, g.RECOVERY, g.PREEMPTION):
+            self.enter(g.DATA_WAIT)
+
+    def timed(self, batches, step: int):
+        """Yield the batches, charging the wait for each to data wait (the first one to this
+        start's first category) and the step that follows to productive or lost work; ``step`` is
+        the global step the first batch will be."""
+        iterator = iter(batches)
+        first = self._category in (g.STARTUP, g.RECOVERY, g.PREEMPTION)
+        try:
+            while True:
+                if not first:
+                    self.enter(g.DATA_WAIT)
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                first = False
+                step += 1
+                self.step = step
+                self.enter(g.LOST_WORK if step <= self.high_water else g.PRODUCTIVE)
+                yield batch
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    # ---- reading it -------------------------------------------------------------------------------
+
+    def totals(self) -> dict:
+        """Seconds per category from this worker's start to now."""
+        with self._lock:
+            seconds = dict(self.seconds)
+            seconds[self._category] += self._clock() - self._since
+        return seconds
+
+    def elapsed(self) -> float:
+        return self._clock() - self._started_clock
+
+    def record(self) -> dict:
+        return {"attempt": self.attempt, "rank": self.rank, "world": self.world, "started": self.started,
+                "step": self.step, "seconds": self.totals()}
+
+    def persist(self, force: bool = False) -> None:
+        """Write the ledger to the run directory: at most every PERSIST_EVERY_S unless ``force``."""
+        if self.store is None:
+            return
+        now = self._clock()
+        if force or now - self._persisted >= PERSIST_EVERY_S:
+            self._persisted = now
+            self.store.write_json(self.name, self.record())
+
+
+class LedgerCollector:
+    """``alexray_run_seconds_total{category}``: the ledger, the gap before this start, and (rank 0)
+    the slots of an elastic run without a worker."""
+
+    def __init__(self, ledger: Ledger, labels: dict):
+        self.ledger, self.names, self.values = ledger, list(labels), list(labels.values())
+
+    def describe(self):
+        yield CounterMetricFamily("alexray_run_seconds", "", labels=self.names + ["category"])
+
+    def collect(self):
+        ledger = self.ledger
+        seconds = ledger.totals()
+        for category, value in ledger.opening.items():
+            seconds[category] += value
+        seconds[g.WAITING] += ledger.waiting_slots * ledger.elapsed()
+        family = CounterMetricFamily(
+            "alexray_run_seconds", "Wall time of this worker's slot by category (alexray_core.goodput; "
+            "summed over a run's workers: slots x wall time)", labels=self.names + ["category"])
+        for category in g.CATEGORIES:
+            family.add_metric(self.values + [category], seconds[category])
+        yield family
+
+
+# ---- the run's account, kept by the driver --------------------------------------------------------
+
+def open_account(run_dir: str, submitted: float, slots: int) -> None:
+    """Record when the run was submitted and its slots: ``alexray status`` accounts a live run from it."""
+    from data_prep.storage import open_storage
+
+    open_storage(run_dir).write_bytes(g.SESSION, json.dumps({"submitted": submitted, "slots": slots}).encode())
+
+
+def close_account(run_dir: str, submitted: float, summary: dict | None = None) -> dict:
+    """The run's account from its submit to now, added to ``summary.json`` as ``goodput``."""
+    from .runstore import RunStore
+
+    store = RunStore(run_dir)
+    session, ledgers, failures = g.read_records(store.storage)
+    slots = int((session or {}).get("slots", 1))
+    ended = time.time()
+    block = g.summarise(g.account(submitted, ended, slots, ledgers, failures), slots, ended - submitted)
+    summary = dict(summary or store.summary() or {})
+    if summary:
+        summary["goodput"] = block
+        store.write_json(runs.SUMMARY, summary)
+    return summary
