@@ -121,7 +121,11 @@ def account(submitted: float, ended: float, slots: int, ledgers: list[LedgerReco
                 totals[STARTUP] += first_start - cursor
                 totals[WAITING] += start - first_start
             else:
-                gap(totals, cursor, start, failures)
+                # attempts in between that ran without this slot (an elastic run shrunk): it waited
+                between = [l.started for l in ledgers if previous.attempt < l.attempt < record.attempt]
+                shrunk = min(max(min(between), cursor), start) if between else start
+                gap(totals, cursor, shrunk, failures)
+                totals[WAITING] += start - shrunk
             span = min(record.updated, ended) - start
             scale = span / max(1e-12, sum(record.seconds.values()))  # clipped at the run's end: rare
             for category, seconds in record.seconds.items():

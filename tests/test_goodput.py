@@ -59,6 +59,18 @@ def test_records_of_an_earlier_session_are_left_out_and_a_slot_that_left_waits()
     assert seconds["lost_work"] == pytest.approx((115 - 111) + (115 - 106))
 
 
+def test_a_slot_the_group_ran_without_waits_until_it_is_back():
+    """Elastic: two workers, a node lost (failure at 30), one worker from 35, two again from 60."""
+    ledgers = [record(0, 0, 2, 9, startup=1, productive=20), record(0, 1, 2, 9, startup=1, productive=18),  # to 23 / 21
+               record(1, 0, 35, 20, world=1, recovery=2, productive=20),  # to 57
+               record(2, 0, 60, 40, recovery=1, productive=29), record(2, 1, 60, 40, recovery=1, productive=29)]  # to 90
+    seconds = account(0, 100, 2, ledgers, [Failure(30)])
+    assert sum(seconds.values()) == pytest.approx(200)
+    assert seconds["waiting_for_resources"] == pytest.approx(60 - 35)  # slot 1 while the group ran without it
+    assert seconds["lost_work"] == pytest.approx((30 - 23) + (30 - 21))
+    assert seconds["recovery"] == pytest.approx((35 - 30) + 2 + (35 - 30) + (60 - 57) + 1 + 1)
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,7 +255,12 @@ def test_submit_status_logs_until_succeeded(token_env, digits, tmp_path, s3_buck
     assert listed[job_id]["run_name"] == run_name
     # What the cluster was given: this interpreter, the spec in a working_dir, no secrets anywhere.
     info = jobs.client(address).get_job_info(job_id)
-    assert info.entrypoint == f"{sys.executable} -u -m orchestrator.cli train job-spec.yaml"
+    # the submit's own time goes with the job: the run's account (goodput) starts there
+    assert re.fullmatch(rf"{re.escape(sys.executable)} -u -m orchestrator.cli train job-spec.yaml "
+                        rf"--submitted-at (\d+\.\d+)", info.entrypoint), info.entrypoint
+    submitted = float(info.entrypoint.rsplit(" ", 1)[1])
+    assert 0 < final["goodput"]["wall_seconds"] and submitted + final["goodput"]["wall_seconds"] <= time.time()
+    assert final["goodput"]["slots"] == 2 and final["goodput"]["seconds"]["productive"] > 0
     assert "env_vars" not in info.runtime_env and info.runtime_env["working_dir"].startswith("gcs://")
     assert info.metadata == {"alexray_run": run_name, "alexray_storage": f"s3://{s3_bucket}/runs"}
     assert token_env["token"] not in json.dumps(info.model_dump() if hasattr(info, "model_dump") else info.dict())
