@@ -157,6 +157,22 @@ def summarise(seconds: dict, slots: int, wall: float) -> dict:
             "goodput": round(seconds[PRODUCTIVE] / total, 4) if total else 0.0}
 
 
+def account_of(storage, ended: float, submitted: float | None = None, stale_after: float | None = None) -> dict | None:
+    """The ``goodput`` block of the run whose directory is ``storage``, from its submit (``submitted``,
+    else its session record) to ``ended``; None when neither is known. ``stale_after``: when no
+    ledger was written for that long, the account ends at the newest one (a run that stopped)."""
+    session, ledgers, failures = read_records(storage)
+    if submitted is None:
+        if session is None:
+            return None
+        submitted = float(session["submitted"])
+    slots = int((session or {}).get("slots", 1))
+    newest = max((record.updated for record in ledgers), default=ended)
+    if stale_after is not None and ended - newest > stale_after:
+        ended = newest
+    return summarise(account(submitted, ended, slots, ledgers, failures), slots, ended - submitted)
+
+
 def process_start_time() -> float:
     """Unix time this process started (Linux), else now: a run's submit, however long imports took."""
     import os

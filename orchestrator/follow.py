@@ -38,8 +38,8 @@ def _total_steps(storage: str, run_name: str, progress: dict) -> int | None:
 def describe(progress: dict) -> str:
     """``epoch 3, step 120, 840 img/s, loss 0.4123, val top-1 91.2%`` from whatever is known yet."""
     shown = (("epoch", "epoch {}"), ("step", "step {}"), ("images_per_s", "{:.0f} img/s"),
-             ("flops_per_s", "{}FLOP/s"), ("mfu", "MFU {:.1%}"), ("loss", "loss {:.4f}"))
-    parts = [form.format(_si(progress[key]) if key == "flops_per_s" else progress[key])
+             ("flops_per_s", "{}"), ("mfu", "MFU {:.1%}"), ("loss", "loss {:.4f}"))
+    parts = [form.format(format_flops(progress[key]) if key == "flops_per_s" else progress[key])
              for key, form in shown if progress.get(key) is not None]
     if progress.get("top1") is not None:
         parts.append(f"val top-1 {100 * progress['top1']:.1f}%")
@@ -62,12 +62,14 @@ def describe_goodput(block: dict | None) -> str:
             f"{wall % 60:02d}: " + ", ".join(f"{c.replace('_', ' ')} {f:.1%}" for f, c in shares))
 
 
-def _si(value: float) -> str:
-    """1.23e12 -> '1.2 T' (FLOP/s)."""
+def format_flops(value: float | None) -> str:
+    """1.23e12 -> '1.2 TFLOP/s'; '-' when unknown."""
+    if value is None or value != value:  # None or NaN
+        return "-"
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
         if value >= factor:
-            return f"{value / factor:.1f} {prefix}"
-    return f"{value:.1f} "
+            return f"{value / factor:.1f} {prefix}FLOP/s"
+    return f"{value:.1f} FLOP/s"
 
 
 def follow(address, job_id: str, *, insecure: bool = False, timeout: float | None = None, poll: float = 1.0,

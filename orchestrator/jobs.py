@@ -276,15 +276,7 @@ STALE_AFTER_S = 120  # workers write their ledgers every few seconds while they 
 
 def live_goodput(storage) -> dict | None:
     """The account of a run still going (or one that stopped without a summary), up to now."""
-    session, ledgers, failures = goodput.read_records(storage)
-    if session is None:
-        return None
-    submitted, slots = float(session["submitted"]), int(session["slots"])
-    ended = time.time()
-    newest = max((record.updated for record in ledgers), default=ended)
-    if ended - newest > STALE_AFTER_S:  # nothing written for a while: account up to the last record
-        ended = newest
-    return goodput.summarise(goodput.account(submitted, ended, slots, ledgers, failures), slots, ended - submitted)
+    return goodput.account_of(storage, time.time(), stale_after=STALE_AFTER_S)
 
 
 def status(address=None, job_id: str | None = None, *, insecure: bool = False) -> dict:

@@ -29,6 +29,7 @@ from alexray_core.errors import AlexrayError
 from alexray_core.goodput import CATEGORIES
 
 from . import jobs
+from .follow import format_flops
 from .prometheus import Prometheus, PrometheusError
 from .rayclient import JobError
 
@@ -286,15 +287,6 @@ def plot_goodput(history: list[dict], height: int = 5) -> list[str]:
     return rows
 
 
-def _flops(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if value >= factor:
-            return f"{value / factor:.1f} {prefix}FLOP/s"
-    return f"{value:.1f} FLOP/s"
-
-
 def _num(value, fmt: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
@@ -320,13 +312,13 @@ def render(snap: dict, prom_url: str) -> str:
     lines.append(f"epoch {_num(snap['epoch'], '.0f')}   step {step}   loss {_num(snap['loss'], '.4f')}   "
                  f"lr {_num(snap['lr'], '.3g')}   top-1 {_pct(snap['top1'])}   top-5 {_pct(snap['top5'])}   "
                  f"restarts {_num(snap['restarts'], '.0f')}   {snap['status'] or 'ETA ' + _duration(snap['eta_s'])}")
-    lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   {_flops(snap.get('flops_per_s'))}   "
+    lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   {format_flops(snap.get('flops_per_s'))}   "
                  f"MFU {_pct(snap.get('mfu'))}   data-wait {_pct(snap['data_wait'])}   "
                  f"step p50 {_num(snap['step_p50'], '.3f')} s   p95 {_num(snap['step_p95'], '.3f')} s")
     lines.append("")
     lines.append(f"{'rank':>4}  {'node':<16} {'img/s':>9} {'FLOP/s':>14} {'data-wait':>10} {'loss':>9}")
     for w in snap["workers"]:
-        lines.append(f"{w['rank']:>4}  {w['node']:<16} {w['images_per_s']:>9.1f} {_flops(w.get('flops_per_s')):>14} "
+        lines.append(f"{w['rank']:>4}  {w['node']:<16} {w['images_per_s']:>9.1f} {format_flops(w.get('flops_per_s')):>14} "
                      f"{_pct(w['data_wait']):>10} {_num(w['loss'], '.4f'):>9}")
     history = snap.get("goodput_history") or []
     if history:

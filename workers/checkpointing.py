@@ -60,7 +60,7 @@ class CheckpointManager:
 
         ``now``: write, upload and publish before returning (a node is about to go)."""
         with self.stall():
-            self._wait_for_uploads()
+            self._wait_for_uploads()  # before this checkpoint's own scratch folder counts
         state, rank = self.state, self.session.rank
         state.schedule = self.schedule.state_dict()
         state.metrics = metrics

@@ -178,12 +178,8 @@ def close_account(run_dir: str, submitted: float, summary: dict | None = None) -
     from .runstore import RunStore
 
     store = RunStore(run_dir)
-    session, ledgers, failures = g.read_records(store.storage)
-    slots = int((session or {}).get("slots", 1))
-    ended = time.time()
-    block = g.summarise(g.account(submitted, ended, slots, ledgers, failures), slots, ended - submitted)
     summary = dict(summary or store.summary() or {})
     if summary:
-        summary["goodput"] = block
+        summary["goodput"] = g.account_of(store.storage, time.time(), submitted)
         store.write_json(runs.SUMMARY, summary)
     return summary
