@@ -20,7 +20,7 @@ the wall time. Definitions (also in the README, "Goodput"):
 - ``waiting_for_resources``: slots an elastic run holds no worker in (below its maximum, or a slot
   whose worker joins later).
 
-Each worker keeps a ``Ledger`` (``workers.goodput``) of its own seconds and writes it to the run
+Each worker keeps a ``Ledger`` (``workers.training.ledger``) of its own seconds and writes it to the run
 directory as it goes; Ray Train's controller writes each failure it handles. ``account`` puts them
 together with the run's submit and end times, filling the gaps between the workers' records.
 This module imports nothing beyond the standard library.
@@ -189,7 +189,7 @@ def process_start_time() -> float:
 
 
 def read_records(storage) -> tuple[dict | None, list[LedgerRecord], list[Failure]]:
-    """(session, ledgers, failures) from a run directory's storage (``data_prep.storage``-like)."""
+    """(session, ledgers, failures) from a run directory's storage (``alexray_core.storage.local``-like)."""
     import json
 
     session, ledgers, failures = None, [], []

@@ -1,6 +1,6 @@
 """A run directory ``{run.storage}/{run.name}/``: where it is, what its files and checkpoints are called.
 
-Workers write it (``workers.runstore.RunStore``, a ``RunFiles`` that also writes); the
+Workers write it (``workers.training.run_store.RunStore``, a ``RunFiles`` that also writes); the
 orchestrator reads it (``alexray status``, ``resume``, preflight) without torch. Both take every
 name from here. What the files hold:
 
@@ -14,7 +14,7 @@ name from here. What the files hold:
   from (``alexray_core.goodput``);
 - ``summary.json``: written at the end.
 
-A storage here is any object with ``exists``, ``list`` and ``read_bytes`` (``data_prep.storage``).
+A storage here is any object with ``exists``, ``list`` and ``read_bytes`` (``alexray_core.storage.local``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from bench.common import ROOT, WORK, record
 def _full_size_checkpoint() -> Path:
     import torch
 
-    from workers import checkpoint as ckpt
-    from workers.models import build_model
+    from workers.models import checkpoint_format as ckpt
+    from workers.models.architectures import build_model
 
     directory = WORK / "export" / "alexnet-1000"
     if not (directory / ckpt.COMPLETE).exists():
@@ -54,7 +54,7 @@ def _digits_run() -> tuple[Path, Path]:
 
 
 def _pair(loaded, fmt: str, tmp: Path, data: str | None, samples: int) -> dict:
-    from workers.export import ExportOptions, export
+    from workers.tools.export import ExportOptions, export
 
     options = ExportOptions(format=fmt, quantize="int8", output=str(tmp / f"model-{fmt}-int8"), data=data,
                             val_samples=samples, threads=1, latency_runs=30)
@@ -62,7 +62,7 @@ def _pair(loaded, fmt: str, tmp: Path, data: str | None, samples: int) -> dict:
 
 
 def run(results: list) -> None:
-    from workers.inference import load_checkpoint
+    from workers.models.loading import load_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="alexray-bench-export-") as tmp:
         tmp = Path(tmp)

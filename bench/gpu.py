@@ -54,8 +54,8 @@ if not HAVE_OPENCV:
         setattr(cv2, name, i)
     sys.modules["cv2"] = cv2
 
-from workers.models import build_model  # noqa: E402
-from workers.transforms import to_model_input  # noqa: E402
+from workers.data.transforms import to_model_input  # noqa: E402
+from workers.models.architectures import build_model  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s), by device name.
 PEAKS = ((r"H100 PCIe", 756e12), (r"H200|H100", 989e12), (r"A100", 312e12), (r"A10G", 70e12), (r"\bL4\b", 121e12))
@@ -120,9 +120,9 @@ def make_data(root: Path, images: int, photos: str | None, classes: int = 10) ->
 def loader(path: str, batch: int, size: int, threads: int, decode: str, device: torch.device):
     """Endless training batches (epoch after epoch) as (images, labels, alphas); ``decode="headers"``:
     the device path's CPU side alone (tar reading, header parsing, the draws), images None."""
-    from workers.data import load_manifest, split_info, train_batches
-    from workers.gpu_decode import HeaderLoader, gpu_train_batches
-    from workers.sampling import plan_epoch, rank_slices
+    from workers.data.gpu_decode import HeaderLoader, gpu_train_batches
+    from workers.data.loader import load_manifest, split_info, train_batches
+    from workers.data.sampling import plan_epoch, rank_slices
 
     split = split_info(path, load_manifest(path), "train")
     streams = 8 if batch % 8 == 0 else 1

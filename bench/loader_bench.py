@@ -22,8 +22,8 @@ from torchvision.datasets import ImageFolder
 
 from bench.common import WORK, bench_dataset, record
 from data_prep.pipeline import ShardConfig, shard_dataset
-from workers.data import load_manifest, split_info, train_batches
-from workers.sampling import plan_epoch
+from workers.data.loader import load_manifest, split_info, train_batches
+from workers.data.sampling import plan_epoch
 
 BATCH, WORKERS, SIZE = 64, 2, 224
 STANDARD = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),

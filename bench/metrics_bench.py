@@ -49,8 +49,8 @@ def _train(spec: Path, name: str, metrics_on: bool, targets: Path) -> tuple[floa
 def _per_step_microseconds(steps: int = 100_000) -> dict:
     """What the loop pays per step: the goodput ledger (on with metrics on or off), and the metrics
     calls (``timed`` around the batch plus ``trained``) on top of it."""
-    from workers.goodput import Ledger
-    from workers.metrics import WorkerMetrics
+    from workers.training.ledger import Ledger
+    from workers.training.metrics import WorkerMetrics
 
     def loop(wrap) -> float:
         started = time.perf_counter()
@@ -72,8 +72,8 @@ def _scrape_milliseconds(repeat: int = 200) -> float:
     """Rendering one scrape of a worker's series, the goodput counter included."""
     from prometheus_client import generate_latest
 
-    from workers.goodput import Ledger
-    from workers.metrics import WorkerMetrics
+    from workers.training.ledger import Ledger
+    from workers.training.metrics import WorkerMetrics
 
     metrics = WorkerMetrics("bench", 0, "127.0.0.1", ledger=Ledger(), flops_per_sample=1e9)
     started = time.perf_counter()

@@ -32,7 +32,6 @@ from PIL import Image
 from bench.common import WORK, bench_dataset, record, timed
 from data_prep.pipeline import ShardConfig, shard_dataset
 
-
 PASS_THROUGH_PAIRS = 7
 
 
@@ -211,7 +210,7 @@ def measure_cli(args: list[str], dest: Path | None, kill_at_shards: int | None =
 
 
 def _read_manifest(dest: str) -> bytes:
-    from data_prep.storage import open_storage
+    from alexray_core.storage import open_storage
 
     return open_storage(dest).read_bytes("manifest.json")
 

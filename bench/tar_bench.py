@@ -1,6 +1,6 @@
 """The hand-written tar reader and writer alone, in memory, against same-run baselines.
 
-- reading: ``workers.data.iter_tar`` vs ``tarfile`` (streaming, as the loader reads) vs
+- reading: ``workers.data.loader.iter_tar`` vs ``tarfile`` (streaming, as the loader reads) vs
   webdataset's ``tar_file_iterator``;
 - writing: ``data_prep.shards.TarShardWriter`` vs ``tarfile`` (ustar, what ours writes) vs
   webdataset's ``TarWriter``.
@@ -21,7 +21,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from bench.common import record, timed
 from data_prep.shards import TarShardWriter
-from workers.data import iter_tar
+from workers.data.loader import iter_tar
 
 SAMPLES = 3000
 

@@ -110,8 +110,8 @@ def _quiet_threads(baseline: int) -> None:
 
 
 def plan_times(dataset: str, streams: int) -> dict:
-    from workers.data import _StreamCursor, load_manifest, split_info
-    from workers.sampling import plan_epoch, rank_slices
+    from workers.data.loader import _StreamCursor, load_manifest, split_info
+    from workers.data.sampling import plan_epoch, rank_slices
 
     manifest_s = timed(lambda: split_info(dataset, load_manifest(dataset), "train"), 3)
     split = split_info(dataset, load_manifest(dataset), "train")
@@ -127,8 +127,8 @@ def plan_times(dataset: str, streams: int) -> dict:
 
 def first_batch_seconds(dataset: str, streams: int, start_step: int, repeat: int = 2) -> float:
     """Seconds from the call (manifest read and epoch plan included) to the first batch in hand."""
-    from workers.data import load_manifest, split_info, train_batches
-    from workers.sampling import plan_epoch
+    from workers.data.loader import load_manifest, split_info, train_batches
+    from workers.data.sampling import plan_epoch
 
     baseline = threading.active_count()
 
@@ -164,8 +164,8 @@ def _peak_mb() -> float:
 def rss_child(dataset: str, streams: int, steps: int) -> dict:
     import torch  # noqa: F401 - counted in the baseline, as in a training worker
 
-    from workers.data import load_manifest, split_info, train_batches
-    from workers.sampling import plan_epoch
+    from workers.data.loader import load_manifest, split_info, train_batches
+    from workers.data.sampling import plan_epoch
 
     out = {"imports_mb": _rss_mb()}
     split = split_info(dataset, load_manifest(dataset), "train")

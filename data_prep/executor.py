@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from alexray_core.storage import StorageError, apply_storage_env, storage_env
+
 from .errors import ShardError
-from .storage import apply_storage_env, storage_env
 
 _counters = None  # (images, bytes) shared with the parent, set in each pool process
 
@@ -175,7 +176,7 @@ class RayExecutor(Executor):
                 try:
                     result, n_images, n_bytes, node = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, ShardError):  # the one-line error, not Ray's traceback around it
+                    if isinstance(e.cause, (ShardError, StorageError)):  # the one-line error, not Ray's traceback around it
                         raise e.cause from None
                     raise
                 self.nodes[node] = self.nodes.get(node, 0) + 1

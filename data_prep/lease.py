@@ -25,8 +25,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .errors import ShardError, StorageError
-from .storage_api import Storage
+from alexray_core.storage import StorageError
+from alexray_core.storage.api import Storage
+
+from .errors import ShardError
 
 log = logging.getLogger(__name__)
 

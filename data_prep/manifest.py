@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 
+from alexray_core.storage import StorageError, open_storage
+
 from .errors import ShardError
-from .storage import open_storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "alexray-shards"
@@ -95,7 +96,7 @@ def check_dataset(path: str, train_split: str, val_split: str | None, num_classe
             raise ShardError(f"no {MANIFEST_NAME} in {path}; shard a dataset there with 'alexray shard SRC {path}' "
                              "or fix the path")
         manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise ShardError(f"data.path: {e}", 2) from None
     splits = manifest.get("splits") or {}
     for field, split in (("data.train_split", train_split), ("data.val_split", val_split)):

@@ -28,18 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alexray_core.errors import EXIT_FAILED
+from alexray_core.storage import LocalStorage, open_storage
+from alexray_core.storage.api import WRITE_PROBE, Storage
+from alexray_core.storage.s3 import UPLOADS_DIR
 
 from .errors import ShardError
-from .executor import Progress, RayExecutor, default_workers, make_executor, prepare_workers
+from .executor import (
+    Progress,
+    RayExecutor,
+    default_workers,
+    make_executor,
+    prepare_workers,
+)
 from .images import ImageOptions, probe_image
 from .lease import LEASE_NAME, Lease
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, build_manifest, dumps, parse_manifest
-from .s3storage import UPLOADS_DIR
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    build_manifest,
+    dumps,
+    parse_manifest,
+)
 from .planning import SplitPlan, SplitProbes
 from .shards import PROGRESS_DIR, ShardResult, build_shard, publish_shard, write_shard
 from .sources import SourceDataset, scan_source
-from .storage import LocalStorage, open_storage
-from .storage_api import WRITE_PROBE, Storage
 
 log = logging.getLogger(__name__)
 SPLIT_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # shard names are {split}-{index:06d}.tar

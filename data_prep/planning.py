@@ -10,7 +10,14 @@ from __future__ import annotations
 from array import array
 
 from .images import CONVERT, KEEP, REJECT, RESIZE, ImageOptions, Probe
-from .shards import ShardPlan, estimate_bytes, planned_sample, samples_per_shard, shard_name, shuffle_order
+from .shards import (
+    ShardPlan,
+    estimate_bytes,
+    planned_sample,
+    samples_per_shard,
+    shard_name,
+    shuffle_order,
+)
 from .sources import FileTable
 
 ACTIONS = (KEEP, CONVERT, RESIZE, REJECT)

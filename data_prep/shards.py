@@ -22,11 +22,21 @@ from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Callable
 
-from .images import (CONVERT, KEEP, RESIZE, ImageOptions, Probe, RejectedImage, prepare_image, read_file,
-                     resized_size)
+from alexray_core.storage.api import Storage
+
+from .images import (
+    CONVERT,
+    KEEP,
+    RESIZE,
+    ImageOptions,
+    Probe,
+    RejectedImage,
+    prepare_image,
+    read_file,
+    resized_size,
+)
 from .lease import check_holder
 from .sources import Reject
-from .storage_api import Storage
 
 PROGRESS_DIR = "_progress"
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256  # three headers plus, on average, half a block of padding each

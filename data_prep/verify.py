@@ -9,11 +9,12 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from alexray_core.storage import open_storage
+from alexray_core.storage.api import Storage
+
 from .executor import Progress
 from .images import ImageOptions, RejectedImage, decode_image, open_image
 from .manifest import MANIFEST_NAME, parse_manifest
-from .storage import open_storage
-from .storage_api import Storage
 
 
 @dataclass

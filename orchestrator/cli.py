@@ -51,7 +51,7 @@ def _run(command: str, argv: list[str]) -> int:
 
         return shard_main(rest)
     if command == "train":
-        from workers.cli import main as train_main
+        from workers.training.cli import main as train_main
 
         return train_main(rest)
     if command in ("submit", "status", "logs", "stop", "list", "resume"):
@@ -63,7 +63,7 @@ def _run(command: str, argv: list[str]) -> int:
 
         return monitor_main(argv)
     if command in ("evaluate", "predict", "finetune", "export"):
-        from workers.model_cli import main as model_main
+        from workers.tools.cli import main as model_main
 
         return model_main(argv)
     print(f"alexray: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)

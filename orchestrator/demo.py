@@ -66,10 +66,15 @@ def start_monitoring(base: Path, cluster):
 
 
 def run_job(base: Path, shards: Path, spec: Path, overrides: list[str]) -> int:
-    from . import jobs
     from alexray_core.discovery import TARGETS_ENV
+    from alexray_core.localcluster import (
+        interrupts_deferred,
+        start_local_cluster,
+        stop_local_cluster,
+    )
+
+    from . import jobs
     from .follow import describe, describe_goodput, follow
-    from alexray_core.localcluster import interrupts_deferred, start_local_cluster, stop_local_cluster
 
     say("starting a local Ray cluster on 127.0.0.1 (token auth on)")
     started = time.monotonic()

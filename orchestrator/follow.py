@@ -15,7 +15,7 @@ from typing import IO
 from alexray_core import runs
 from alexray_core.errors import AlexrayError
 from alexray_core.spec import planned_steps, spec_from_dict
-from data_prep.storage import open_storage
+from alexray_core.storage import open_storage
 
 from . import jobs, rayclient
 from .rayclient import JobError

@@ -47,12 +47,27 @@ from pathlib import Path
 from typing import IO
 
 from alexray_core import goodput, runs
-from alexray_core.spec import SpecError, load_spec, new_run_name, spec_from_dict, torchvision_source
+from alexray_core.spec import (
+    SpecError,
+    load_spec,
+    new_run_name,
+    spec_from_dict,
+    torchvision_source,
+)
+from alexray_core.storage import StorageError, open_storage
 from data_prep.errors import ShardError
-from data_prep.storage import open_storage
 
 from .preflight import preflight
-from .rayclient import JobError, check_secure, client, client_address, client_of, guard_of, is_loopback, resolve_address
+from .rayclient import (
+    JobError,
+    check_secure,
+    client,
+    client_address,
+    client_of,
+    guard_of,
+    is_loopback,
+    resolve_address,
+)
 
 SPEC_FILE = "job-spec.yaml"
 RUN_KEY = "alexray_run"
@@ -190,7 +205,7 @@ def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage
             raise JobError(f"no run {run_name!r} in {storage} ({run_dir}/{runs.SPEC} is missing); check the name "
                            "with 'alexray list' or pass --storage")
         spec = json.loads(store.read_bytes(runs.SPEC))
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise JobError(f"run.storage: {e}") from None
     progress = run_progress(storage, run_name)
     if progress["summary"] is not None and not overrides:
@@ -266,7 +281,7 @@ def run_progress(storage: str, run_name: str) -> dict:
                 if summary.get(key) is not None:
                     out[key] = summary[key]
         out["goodput"] = (summary or {}).get("goodput") or live_goodput(files.storage)
-    except (ShardError, OSError) as e:
+    except (ShardError, StorageError, OSError) as e:
         out["progress_error"] = f"cannot read {run_dir}: {e}"
     return out
 

@@ -17,11 +17,17 @@ from pathlib import Path
 
 from alexray_core import runs
 from alexray_core.runs import COMPLETE, MODEL_FILES, checkpoint_candidates
-from alexray_core.spec import JobSpec, SpecError, check_same_job, is_state_dict_file, torchvision_source
+from alexray_core.spec import (
+    JobSpec,
+    SpecError,
+    check_same_job,
+    is_state_dict_file,
+    torchvision_source,
+)
+from alexray_core.storage import StorageError, open_storage
+from alexray_core.storage.api import is_s3_url
 from data_prep.errors import ShardError
 from data_prep.manifest import check_dataset as check
-from data_prep.storage import open_storage
-from data_prep.storage_api import is_s3_url
 
 from .rayclient import JobError, client_address, get_json
 
@@ -32,7 +38,7 @@ def check_dataset(spec: JobSpec) -> dict:
     """The manifest at ``data.path`` is there and readable, has the splits and the class count asked for."""
     try:
         return check(spec.data.path, spec.data.train_split, spec.data.val_split, spec.model.num_classes)
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise JobError(str(e)) from None
 
 
@@ -40,7 +46,7 @@ def check_run_storage(spec: JobSpec) -> None:
     """``run.storage`` accepts a write (a probe object is written and deleted)."""
     try:
         open_storage(spec.run.storage).check_writable()
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise JobError(f"run.storage: {e}") from None
 
 
@@ -52,7 +58,7 @@ def check_run_name(spec: JobSpec) -> dict | None:
         if not storage.exists(runs.SPEC):
             return None
         existing = json.loads(storage.read_bytes(runs.SPEC))
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise JobError(f"run.storage: {e}") from None
     except ValueError:
         raise JobError(f"run.name: {run_dir}/spec.json is unreadable; pick a new run.name") from None
@@ -188,7 +194,7 @@ def check_finetune_source(spec: JobSpec) -> str | None:
             model = json.loads(storage.read_bytes(f"{prefix}state.json")).get("model") or {}
         except (ValueError, AttributeError):
             model = {}
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise JobError(f"{field}: {e}") from None
     if not {"name", "width"} <= set(model):
         raise JobError(f"{field}: {where}/state.json does not describe its model: it was not written by "

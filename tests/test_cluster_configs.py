@@ -756,7 +756,7 @@ def test_scaling_doc_check_catches_an_edited_cell(scaling):
 
 
 def test_scaling_model_counts_the_real_models_parameters(scaling):
-    from workers.models import build_model
+    from workers.models.architectures import build_model
 
     model = build_model("alexnet", 1000, 1.0)
     assert scaling.PARAMS == sum(p.numel() for p in model.parameters()) == 60_965_224

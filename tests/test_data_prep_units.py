@@ -10,12 +10,26 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from data_prep.errors import ShardError
+from alexray_core.storage.api import describe_s3_error, is_transient, split_s3_url
 from data_prep import images
-from data_prep.images import CONVERT, KEEP, RESIZE, ImageOptions, Probe, probe_image, resized_size
-from data_prep.shards import PlannedSample, estimate_bytes, plan_split, sample_json, samples_per_shard
+from data_prep.errors import ShardError
+from data_prep.images import (
+    CONVERT,
+    KEEP,
+    RESIZE,
+    ImageOptions,
+    Probe,
+    probe_image,
+    resized_size,
+)
+from data_prep.shards import (
+    PlannedSample,
+    estimate_bytes,
+    plan_split,
+    sample_json,
+    samples_per_shard,
+)
 from data_prep.sources import FileTable, assign_keys
-from data_prep.storage_api import describe_s3_error, is_transient, split_s3_url
 
 
 def _samples(n, classes=4, size=50_000):
@@ -121,7 +135,7 @@ def test_packed_split_plan_is_plan_split(max_shard_bytes):
 
 
 def test_process_executor_takes_tasks_as_workers_free_up():
-    from data_prep.executor import Progress, ProcessExecutor
+    from data_prep.executor import ProcessExecutor, Progress
     from data_prep.pipeline import probe_chunk
 
     drawn = []

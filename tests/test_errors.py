@@ -9,12 +9,13 @@ from alexray_core.discovery import TargetsDirError
 from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, AlexrayError
 from alexray_core.localcluster import ClusterStartError
 from alexray_core.spec import SpecError, load_spec
-from data_prep.errors import ShardError, StorageError
+from alexray_core.storage import StorageError
+from data_prep.errors import ShardError
 from orchestrator.monitor import MonitorError
 from orchestrator.prometheus import PrometheusError
 from orchestrator.rayclient import JobError
 from tests.shardtools import error_line, run_alexray
-from workers.checkpoint import CheckpointError
+from workers.models.checkpoint_format import CheckpointError
 
 ERRORS = (SpecError, CheckpointError, ShardError, StorageError, MonitorError, TargetsDirError, ClusterStartError,
           JobError, PrometheusError)
@@ -83,7 +84,7 @@ def _one_error_line(capsys, prog: str) -> str:
 
 
 def test_train_with_a_bad_spec_exits_2_with_one_line(tmp_path, capsys):
-    from workers.cli import main
+    from workers.training.cli import main
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("data: {path: /data}\ntrain: {epocs: 3}\n")
@@ -102,20 +103,20 @@ def test_the_alexray_command_with_a_bad_spec_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("bug", [RuntimeError, ValueError, KeyError])
 def test_train_lets_a_bug_through_with_its_traceback(tmp_path, monkeypatch, bug):
-    import workers.cli
+    import workers.training.cli
 
     def broken(*_args, **_kwargs):
         raise bug("a bug, not a usage error")
 
-    monkeypatch.setattr(workers.cli, "load_spec", broken)
+    monkeypatch.setattr(workers.training.cli, "load_spec", broken)
     with pytest.raises(bug, match="a bug"):
-        workers.cli.main([str(tmp_path / "spec.yaml"), "--no-ray"])
+        workers.training.cli.main([str(tmp_path / "spec.yaml"), "--no-ray"])
 
 
 def test_a_data_failure_during_a_local_run_fails_the_run(tmp_path, monkeypatch, capsys):
-    import workers.cli
-    import workers.launch
-    import workers.train
+    import workers.training.cli
+    import workers.training.driver
+    import workers.training.loop
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("run: {name: gone}\ndata: {path: /data}\n")
@@ -123,18 +124,18 @@ def test_a_data_failure_during_a_local_run_fails_the_run(tmp_path, monkeypatch, 
     def vanished(*_args, **_kwargs):
         raise StorageError("s3://b/ds/train-000001.tar no longer exists: the dataset changed during the run")
 
-    monkeypatch.setattr(workers.launch, "prepare_run", lambda spec: str(tmp_path / "runs" / "gone"))
-    monkeypatch.setattr(workers.train, "run_local", vanished)
-    assert workers.cli.main([str(spec), "--no-ray"]) == EXIT_FAILED
+    monkeypatch.setattr(workers.training.driver, "prepare_run", lambda spec: str(tmp_path / "runs" / "gone"))
+    monkeypatch.setattr(workers.training.loop, "run_local", vanished)
+    assert workers.training.cli.main([str(spec), "--no-ray"]) == EXIT_FAILED
     line = _one_error_line(capsys, "alexray train")
     assert line == ("alexray train: error: training failed: s3://b/ds/train-000001.tar no longer exists: "
                     "the dataset changed during the run")
 
 
 def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    import workers.cli
-    import workers.launch
-    import workers.train
+    import workers.training.cli
+    import workers.training.driver
+    import workers.training.loop
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("data: {path: /data}\n")
@@ -146,9 +147,9 @@ def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys)
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(workers.launch, "prepare_run", named)
-    monkeypatch.setattr(workers.train, "run_local", interrupted)
-    assert workers.cli.main([str(spec), "--no-ray"]) == EXIT_INTERRUPTED
+    monkeypatch.setattr(workers.training.driver, "prepare_run", named)
+    monkeypatch.setattr(workers.training.loop, "run_local", interrupted)
+    assert workers.training.cli.main([str(spec), "--no-ray"]) == EXIT_INTERRUPTED
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["alexray train: interrupted; to continue from its newest checkpoint, run the same command "
                      "with --set run.name=alexnet-20260101-000000-abcdef"]
@@ -185,17 +186,17 @@ def test_a_shard_option_out_of_range_is_a_usage_error(capsys, tmp_path):
 
 @pytest.mark.parametrize("bug", [RuntimeError, ValueError])
 def test_model_commands_let_a_bug_through(monkeypatch, bug):
-    import workers.model_cli
+    import workers.tools.cli
 
-    monkeypatch.setattr(workers.model_cli, "_evaluate", lambda args, prog: _raise(bug("a bug")))
+    monkeypatch.setattr(workers.tools.cli, "_evaluate", lambda args, prog: _raise(bug("a bug")))
     with pytest.raises(bug, match="a bug"):
-        workers.model_cli.main(["evaluate", "some-checkpoint"])
+        workers.tools.cli.main(["evaluate", "some-checkpoint"])
 
 
 def test_model_commands_report_a_checkpoint_error_on_one_line(tmp_path, capsys):
-    import workers.model_cli
+    import workers.tools.cli
 
-    assert workers.model_cli.main(["evaluate", str(tmp_path / "nothing-here"), "--no-progress"]) == EXIT_USAGE
+    assert workers.tools.cli.main(["evaluate", str(tmp_path / "nothing-here"), "--no-progress"]) == EXIT_USAGE
     assert str(tmp_path / "nothing-here") in _one_error_line(capsys, "alexray evaluate")
 
 

@@ -16,7 +16,7 @@ import torch
 from tests.shardtools import ROOT, error_line, start_alexray
 from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
-from workers import checkpoint as ckpt
+from workers.models import checkpoint_format as ckpt
 
 OPTIMIZER = {"state": {}, "param_groups": []}
 
@@ -71,7 +71,7 @@ def test_every_ranks_files_are_covered_by_the_completeness_record(tmp_path):
 
 
 def test_resume_falls_back_past_damaged_checkpoints_and_says_why(tmp_path):
-    from workers.runstore import RunStore
+    from workers.training.run_store import RunStore
 
     run_dir = tmp_path / "run"
     for epoch, step in ((0, 6), (0, 12), (1, 18), (1, 24)):
@@ -81,7 +81,7 @@ def test_resume_falls_back_past_damaged_checkpoints_and_says_why(tmp_path):
     registered = _name(1, 18)  # step 24 is complete but Ray never registered it: not a resume point
 
     store = RunStore(str(run_dir))
-    resume = store.resume_point(registered, "", rank=1, world=2, agree=_same_on_every_rank(2))
+    resume = store.resume_point(registered, "", rank=1, world=2, all_reduce_sum=_same_on_every_rank(2))
     with resume as directory:
         assert Path(directory).name == _name(0, 6)
         assert ckpt.load_state(directory).global_step == 6
@@ -147,7 +147,7 @@ def test_checkpoint_files_are_fsynced_before_the_completeness_record(tmp_path, m
     assert ("fsync", os.path.realpath(directory)) in events  # and the directory entries
 
     # a run without Ray publishing to local storage: the copies are durable before the record
-    from workers.runstore import RunStore
+    from workers.training.run_store import RunStore
 
     events.clear()
     store = RunStore(str(tmp_path / "run"))
@@ -246,7 +246,7 @@ def test_killed_run_leaves_no_checkpoint_scratch_behind(digits, tmp_path):
 
 
 def test_scratch_of_live_processes_is_kept_and_of_dead_ones_cleared(tmp_path, monkeypatch):
-    from workers.runstore import RunStore
+    from workers.training.run_store import RunStore
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)

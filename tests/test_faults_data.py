@@ -25,19 +25,25 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.errors import StorageError
+from alexray_core.spec import load_spec
+from alexray_core.storage import StorageError
+from alexray_core.storage import s3reader as s3io
 from tests.shardtools import error_line, run_alexray, start_alexray
 from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sharded_digits, write_spec
-from workers import s3io
-from alexray_core.spec import load_spec
-from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
-from workers.inference import EvalOptions, evaluate_part
-from workers.launch import prepare_run
-from workers.models import build_model
-from workers.sampling import plan_epoch
-from workers.train import Session, run_local
-from workers.transforms import CorruptSample, eval_image, train_image
+from workers.data.loader import (
+    SplitInfo,
+    eval_batches,
+    load_manifest,
+    split_info,
+    train_batches,
+)
+from workers.data.sampling import plan_epoch
+from workers.data.transforms import CorruptSample, eval_image, train_image
+from workers.models.architectures import build_model
+from workers.tools.inference import EvalOptions, evaluate_part
+from workers.training.driver import prepare_run
+from workers.training.loop import Session, run_local
 
 SHUFFLE_BLOCK = 64  # write_spec's data.shuffle_block: the loader calls below must read the same order
 
@@ -348,8 +354,8 @@ def test_shards_written_by_webdataset_and_tar_read_like_alexray_shards(digits, t
 # ---- a step with nothing readable is no optimizer step ---------------------------------------------
 
 def _initial_weights_sha256(spec) -> str:
-    from workers.models import model_kwargs
-    from workers.runstore import weights_sha256
+    from workers.models.architectures import model_kwargs
+    from workers.training.run_store import weights_sha256
 
     torch.manual_seed(spec.train.seed)  # as train_loop does: the same initial weights on every rank
     return weights_sha256(build_model(spec.model.name, 10, spec.model.width, **model_kwargs(spec)).state_dict())
@@ -392,7 +398,7 @@ def _train_ranks(rank: int, world: int, port: int, runs: list[tuple[dict, str]],
     import torch.distributed as dist
 
     from alexray_core.spec import spec_from_dict
-    from workers.train import train_loop
+    from workers.training.loop import train_loop
 
     session = _Uncheckpointed(rank, world)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -505,10 +511,13 @@ def test_under_ray_an_unreadable_shard_fails_the_run_without_restarts(digits, tm
 
 def test_the_failure_policy_restarts_for_crashes_but_not_for_errors_only_the_user_can_fix():
     from ray.train import FailureConfig
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2._internal.execution.failure_handling import (
+        DefaultFailurePolicy,
+        FailureDecision,
+    )
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from workers.raytrain import FailFastPolicy
+    from workers.training.failure_policy import FailFastPolicy
 
     unreadable = WorkerGroupError("rank 1 failed", {0: RuntimeError("collective aborted"),
                                                     1: StorageError("s3://b/train-000001.tar no longer exists")})

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from alexray_core import discovery
-from orchestrator.rayclient import JobError
 from alexray_core.localcluster import command_line, processes_using
+from alexray_core.spec import SpecError, load_spec
 from orchestrator.monitor import start_dashboard
 from orchestrator.prometheus import PrometheusError, free_port, start_prometheus
+from orchestrator.rayclient import JobError
 from tests.support.waiting import wait_until
 from tests.trainingtools import sharded_digits, write_spec
-from alexray_core.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -186,7 +186,7 @@ def test_preflight_checks_the_finetune_source_locally(tmp_path):
 
 
 def test_preflight_reads_an_s3_finetune_source_with_the_submitters_credentials(tmp_path, s3_bucket, s3_env):
-    from data_prep.storage import open_storage
+    from alexray_core.storage import open_storage
 
     local = _write_checkpoint(tmp_path / "ckpt")
     store = open_storage(f"s3://{s3_bucket}/runs/r1/best")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from alexray_core.storage import open_storage
 from data_prep.errors import ShardError
-from data_prep.storage import open_storage
 from tests.shardtools import error_line, run_alexray, start_alexray
 from tests.support import datasets as ds
 from tests.support.waiting import wait_until

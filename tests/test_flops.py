@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from alexray_core.spec import SpecError, load_spec
-from workers import flops
-from workers.models import build_model
+from workers.models import flops
+from workers.models.architectures import build_model
 
 SIZE = 224
 

@@ -1,4 +1,4 @@
-"""Goodput: a run's wall time in categories that add up (alexray_core.goodput, workers.goodput)."""
+"""Goodput: a run's wall time in categories that add up (alexray_core.goodput, workers.training.ledger)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from alexray_core import goodput as g
 from alexray_core.goodput import Failure, LedgerRecord, account
-from data_prep.storage import LocalStorage
+from alexray_core.storage import LocalStorage
 from tests.trainingtools import read_json, sharded_digits, write_spec
-from workers.goodput import Ledger, LedgerCollector
+from workers.training.ledger import Ledger, LedgerCollector
 
 
 def record(attempt, rank, started, step, world=2, **seconds) -> LedgerRecord:
@@ -141,7 +141,7 @@ def digits(tmp_path_factory):
 
 def _stall(tmp_path, digits, name: str, **sections) -> tuple[float, dict]:
     """Train in this process (no start-up of a new interpreter) and return the checkpoint stall."""
-    from workers.cli import main as train_main
+    from workers.training.cli import main as train_main
 
     spec = write_spec(tmp_path / f"{name}.yaml", str(digits), str(tmp_path / "runs"), run={"name": name},
                       scaling={"num_workers": 1}, **sections)
@@ -198,9 +198,9 @@ def test_checkpoints_waiting_for_their_upload_hold_the_loop_at_a_bound(tmp_path)
 
     import torch
 
-    from workers.checkpoint import TrainState
-    from workers.checkpointing import CheckpointManager
-    from workers.runstore import RunStore
+    from workers.models.checkpoint_format import TrainState
+    from workers.training.checkpoints import CheckpointManager
+    from workers.training.run_store import RunStore
 
     store = RunStore(str(tmp_path / "run"))
     reported: list[str] = []
@@ -230,7 +230,7 @@ def test_checkpoints_waiting_for_their_upload_hold_the_loop_at_a_bound(tmp_path)
     uploader.start()
     try:
         with CheckpointManager(AsyncUploads(), store, TrainState(), model, torch.optim.SGD(model.parameters(), 0.1),
-                               Schedule(), attempt=0, agree=lambda v: v, async_upload=True,
+                               Schedule(), attempt=0, all_reduce_sum=lambda v: v, async_upload=True,
                                ledger=ledger) as checkpoints:
             for step in range(1, 13):
                 checkpoints.state.global_step = step

@@ -23,13 +23,29 @@ from alexray_core.spec import SpecError, load_spec
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
-from workers import evaluation, gpu_decode, train
-from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
-from workers.gpu_decode import (DeviceStage, HeaderLoader, crop_resize, decode_jpegs, decode_on_device,
-                                gpu_eval_batches, gpu_train_batches, jpeg_header)
-from workers.launch import prepare_run
-from workers.sampling import plan_epoch, rank_slices
-from workers.transforms import image_size
+from workers.data import gpu_decode
+from workers.data.gpu_decode import (
+    DeviceStage,
+    HeaderLoader,
+    crop_resize,
+    decode_jpegs,
+    decode_on_device,
+    gpu_eval_batches,
+    gpu_train_batches,
+    jpeg_header,
+)
+from workers.data.loader import (
+    SplitInfo,
+    eval_batches,
+    load_manifest,
+    split_info,
+    train_batches,
+)
+from workers.data.sampling import plan_epoch, rank_slices
+from workers.data.transforms import image_size
+from workers.models import evaluation
+from workers.training import loop as train
+from workers.training.driver import prepare_run
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Mean absolute difference from the CPU path, in uint8 levels, for 224 px crops of 256 px shards.
@@ -276,7 +292,7 @@ def test_a_device_without_a_working_decoder_falls_back_or_is_refused(decoder_pro
     real = gpu_decode.decode_jpeg
     monkeypatch.setattr(gpu_decode, "decode_jpeg", no_nvjpeg)
     cuda = torch.device("cuda", 0)
-    with caplog.at_level("WARNING", logger="workers.gpu_decode"):
+    with caplog.at_level("WARNING", logger="workers.data.gpu_decode"):
         assert not decode_on_device("auto", cuda)
     assert "data.decode: auto decodes on the CPU: the JPEG decoder does not work on cuda:0" in caplog.text
     with pytest.raises(SpecError) as refused:

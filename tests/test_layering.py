@@ -1,6 +1,8 @@
 """The packages' import graph: alexray_core <- data_prep <- workers, and orchestrator on top.
 
-Nothing imports upwards, ``orchestrator`` and ``alexray_core`` never import torch at module level
+Inside them the sub-packages are layered too: ``alexray_core.storage`` needs only
+``alexray_core.errors``, and ``workers`` is cut by role, data <- models <- training <- tools, with no
+module outside those four but ``__init__`` and ``__main__``. Nothing imports upwards, ``orchestrator`` and ``alexray_core`` never import torch at module level
 (submitting a job needs no torch), and no two modules import each other at module level (a cycle
 hidden by an import inside a function counts too: every import statement is read).
 """
@@ -111,3 +113,68 @@ def test_the_submit_side_never_imports_torch_at_module_level():
         if module.split(".")[0] in ("orchestrator", "alexray_core"):
             heavy = {n for n in _imports(module, path, top_level_only=True) if n.split(".")[0] in ("torch", "torchvision")}
             assert not heavy, f"{module} imports {heavy} at module level"
+
+
+WORKERS_LAYERS = ("data", "models", "training", "tools")  # each may import those before it, never after
+
+
+def _workers_layer(module: str) -> int | None:
+    parts = module.split(".")
+    return WORKERS_LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in WORKERS_LAYERS else None
+
+
+def test_workers_sub_packages_import_only_downwards():
+    wrong = []
+    for module, path in _modules().items():
+        layer = _workers_layer(module)
+        if not module.startswith("workers.") or layer is None:
+            continue
+        for name in _imports(module, path, top_level_only=False):
+            other = _workers_layer(name) if name.startswith("workers.") else None
+            if other is not None and other > layer:
+                wrong.append(f"{module} imports {name}")
+    assert not wrong, f"imports against data <- models <- training <- tools: {sorted(set(wrong))}"
+
+
+def test_every_workers_module_lives_in_a_sub_package():
+    loose = sorted(p.name for p in (ROOT / "workers").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert not loose, f"modules of workers/ outside {WORKERS_LAYERS}: {loose}"
+    packages = sorted(p.name for p in (ROOT / "workers").iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(WORKERS_LAYERS)
+
+
+def test_storage_needs_nothing_of_alexray_core_but_its_errors():
+    wrong = []
+    for module, path in _modules().items():
+        if module.startswith("alexray_core.storage"):
+            for name in _imports(module, path, top_level_only=False):
+                top = name.split(".")[0]
+                if top in PACKAGES and not name.startswith(("alexray_core.storage", "alexray_core.errors")):
+                    wrong.append(f"{module} imports {name}")
+    assert not wrong, wrong
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of every function in ``source`` longer than MAX_FUNCTION_LINES, def line to last."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append((node.name, lines))
+    return found
+
+
+def test_no_function_over_80_lines_outside_tests():
+    assert long_functions("def f():\n" + "    x = 1\n" * 80) == [("f", 81)]  # the check itself
+    assert long_functions("def f():\n" + "    x = 1\n" * 79) == []
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv", ".git", "build") or rel.parts[0].startswith("."):
+            continue
+        found += [f"{rel}:{name} ({lines} lines)" for name, lines in long_functions(path.read_text())]
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines: {found}"

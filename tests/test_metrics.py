@@ -20,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from alexray_core import discovery
 from alexray_core.goodput import CATEGORIES
-from orchestrator.prometheus import Prometheus, PrometheusError, free_port, render_config, start_prometheus
+from orchestrator.prometheus import (
+    Prometheus,
+    PrometheusError,
+    free_port,
+    render_config,
+    start_prometheus,
+)
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
 
@@ -46,11 +52,11 @@ class FakeCuda:
 def worker(monkeypatch):
     import torch
 
-    from workers.metrics import WorkerMetrics
+    from workers.training.metrics import WorkerMetrics
 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 123)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 456)
-    from workers.goodput import Ledger
+    from workers.training.ledger import Ledger
 
     metrics = WorkerMetrics("run-a", 1, "10.0.0.7", restarts=2, planned_steps=90, checkpoint_interval_steps=6,
                             device=FakeCuda(), flops_per_sample=2.2e9, peak_flops=989e12, ledger=Ledger())
@@ -121,10 +127,10 @@ def test_accuracy_is_absent_until_the_first_evaluation(worker):
 
 
 def test_timed_splits_data_wait_from_step_time(worker, monkeypatch):
-    import workers.metrics
+    import workers.training.metrics
 
     clock = [0.0]  # seconds, advanced by the loader and the steps below
-    monkeypatch.setattr(workers.metrics, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    monkeypatch.setattr(workers.training.metrics, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
 
     def batches():
         for i in range(4):
@@ -148,7 +154,7 @@ def test_timed_splits_data_wait_from_step_time(worker, monkeypatch):
 
 def test_metrics_off_gives_no_endpoint(monkeypatch):
     from alexray_core.spec import load_spec
-    from workers.metrics import NullMetrics, worker_metrics
+    from workers.training.metrics import NullMetrics, worker_metrics
 
     monkeypatch.setenv("ALEXRAY_METRICS", "0")
     spec = load_spec({"data": {"path": "/nowhere"}})
@@ -157,7 +163,7 @@ def test_metrics_off_gives_no_endpoint(monkeypatch):
 
 def test_a_process_without_ray_registers_and_removes_its_target(monkeypatch, tmp_path):
     from alexray_core.spec import load_spec
-    from workers.metrics import worker_metrics
+    from workers.training.metrics import worker_metrics
 
     monkeypatch.setenv(discovery.TARGETS_ENV, str(tmp_path))
     dead = tmp_path / "local-old-999999999.json"  # a process that was killed: no such pid
@@ -302,7 +308,7 @@ def test_the_summary_of_a_run_that_no_longer_reports_keeps_its_last_values(monke
     from alexray_core.spec import load_spec
     from orchestrator.monitor import render, snapshot, start_dashboard
     from tests.support.waiting import wait_until
-    from workers.metrics import worker_metrics
+    from workers.training.metrics import worker_metrics
 
     targets = tmp_path / "targets"
     monkeypatch.setenv(discovery.TARGETS_ENV, str(targets))

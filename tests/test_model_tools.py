@@ -24,7 +24,7 @@ from PIL import Image
 from tests.shardtools import error_line, run_alexray
 from tests.support import datasets as ds
 from tests.trainingtools import read_json, write_spec
-from workers import checkpoint as ckpt
+from workers.models import checkpoint_format as ckpt
 
 FAST = {"data": {"num_workers": 0}, "scaling": {"num_workers": 1}, "checkpoint": {"every_steps": 0}}
 
@@ -52,7 +52,7 @@ def train(*args, command: str = "train") -> dict:
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """``alexray COMMAND ...`` in this process (torch is already imported: no start-up cost)."""
-    from workers.model_cli import main
+    from workers.tools.cli import main
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -189,7 +189,7 @@ def _reseal(directory: Path) -> None:
 
 
 def test_bad_checkpoints_are_refused_with_one_line_and_no_pickle_runs(pretrained, digits, capsys, tmp_path):
-    from workers.models import build_model
+    from workers.models.architectures import build_model
 
     cases: dict[str, tuple[Path, str]] = {}
     cases["missing"] = (tmp_path / "nothing", "does not exist")
@@ -288,8 +288,8 @@ def test_finetuning_beats_training_from_scratch_and_resumes(pretrained, digits, 
 
 def test_frozen_features_stay_as_loaded(pretrained, digits, tmp_path, monkeypatch):
     from alexray_core.spec import load_spec
-    from workers.launch import prepare_run
-    from workers.train import run_local
+    from workers.training.driver import prepare_run
+    from workers.training.loop import run_local
 
     spec_path = spec_for(tmp_path / "b.yaml", digits["b"], tmp_path / "runs", train={"epochs": 1})
     spec = load_spec(spec_path, [f"finetune.from_checkpoint={json.dumps(str(pretrained))}",
@@ -346,8 +346,8 @@ print(json.dumps(meta))
 @pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"), ("onnx", "onnx")])
 def test_export_matches_pytorch_runs_without_the_project_and_int8_is_smaller(fmt, suffix, pretrained, digits,
                                                                              capsys, tmp_path):
-    from workers.export import ExportedClassifier
-    from workers.inference import load_checkpoint
+    from workers.models.loading import load_checkpoint
+    from workers.tools.export import ExportedClassifier
 
     model_file = tmp_path / f"digits.{suffix}"
     code, out, err = cli(capsys, "export", pretrained, "--format", fmt, "-o", model_file, "--json", "--no-progress")

@@ -1,4 +1,4 @@
-"""workers.models: the paper AlexNet, torchvision's AlexNet, the registry and the classifier head."""
+"""workers.models.architectures: the paper AlexNet, torchvision's AlexNet, the registry and the classifier head."""
 
 import json
 
@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from alexray_core.spec import SpecError
-from workers.models import (
+from workers.models.architectures import (
     AlexNet,
     AlexNetTV,
     alexnet_tv,
@@ -191,11 +191,11 @@ def test_classifier_head_names():
 
 @pytest.mark.parametrize("name", ["alexnet", "resnet18"])
 def test_a_finetuning_start_copies_the_body_and_keeps_the_fresh_head(name, tmp_path):
-    """workers.finetune.load_backbone on a fresh run's model: every layer but the last comes from
+    """workers.models.pretrained.load_backbone on a fresh run's model: every layer but the last comes from
     the source checkpoint; the last keeps build_model's initialisation, sized for the new classes."""
     from alexray_core.spec import load_spec
-    from workers import checkpoint as ckpt
-    from workers.finetune import load_backbone
+    from workers.models import checkpoint_format as ckpt
+    from workers.models.pretrained import load_backbone
 
     width = 0.25 if name == "alexnet" else 1.0
     source_dir = tmp_path / "source"

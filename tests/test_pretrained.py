@@ -51,7 +51,7 @@ def spec_with(source: str, *overrides: str, name: str = "alexnet_tv"):
 
 def cli(capsys, *args) -> tuple[int, str]:
     """``alexray finetune ...`` in this process; returns the exit code and the one error line (or "")."""
-    from workers.model_cli import main
+    from workers.tools.cli import main
 
     code = main(["finetune", *map(str, args)])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -63,8 +63,12 @@ def cli(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("form", ["torchvision", "path"])
 def test_the_backbone_starts_as_the_file_and_the_head_is_new(form, hub, torch_home):
-    from workers.finetune import check_weights_source, load_backbone, param_groups
-    from workers.models import build_model, model_kwargs
+    from workers.models.architectures import build_model, model_kwargs
+    from workers.models.pretrained import (
+        check_weights_source,
+        load_backbone,
+        param_groups,
+    )
 
     source = "torchvision:alexnet" if form == "torchvision" else str(hub["path"])
     spec = spec_with(source, "finetune.backbone_lr_mult=0.1")
@@ -124,8 +128,8 @@ def test_an_absent_file_names_its_url_and_where_to_put_it(tmp_path, monkeypatch,
 
 
 def test_weights_of_another_model_are_refused_naming_a_key_and_the_model(hub, tmp_path):
-    from workers import checkpoint as ckpt
-    from workers.finetune import check_weights_source
+    from workers.models import checkpoint_format as ckpt
+    from workers.models.pretrained import check_weights_source
 
     resnet = torchvision.models.resnet18(weights=None).state_dict()
     for name, fix in (("mine.pth", "pass weights saved from the spec's model (alexnet_tv, width 1.0)"),
@@ -147,8 +151,8 @@ def test_weights_of_another_model_are_refused_naming_a_key_and_the_model(hub, tm
 
 
 def test_a_file_that_is_not_a_weights_only_state_dict_is_refused_without_running_it(tmp_path):
-    from workers import checkpoint as ckpt
-    from workers.finetune import check_weights_source
+    from workers.models import checkpoint_format as ckpt
+    from workers.models.pretrained import check_weights_source
 
     marker = tmp_path / "pwned"
 
@@ -189,7 +193,7 @@ def test_the_spec_refuses_weights_for_another_model(source, overrides, message):
 
 
 def test_an_unknown_torchvision_model_is_named_with_the_closest(torch_home):
-    from workers.finetune import check_weights_source
+    from workers.models.pretrained import check_weights_source
 
     with pytest.raises(SpecError, match=r"torchvision has no classifier 'resnet181'; .* e.g. torchvision:resnet18$"):
         check_weights_source(spec_with("torchvision:resnet181", name="resnet181"))

@@ -1,4 +1,4 @@
-"""The hand-written tar reader (``workers.data.iter_tar``) and writer (``data_prep.shards``) against
+"""The hand-written tar reader (``workers.data.loader.iter_tar``) and writer (``data_prep.shards``) against
 Python's tarfile, GNU tar and webdataset.
 
 The reader must yield exactly the regular files, names and bytes tarfile reads, whoever wrote the
@@ -21,7 +21,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep.shards import TarShardWriter, _tar_header
-from workers.data import _group_samples, _octal, iter_tar
+from workers.data.loader import _group_samples, _octal, iter_tar
 
 # Sizes around the 512-byte block: empty, padded, exact, one over, and a small JPEG's.
 SIZES = (0, 1, 511, 512, 513, 1023, 30_000)

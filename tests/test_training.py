@@ -13,7 +13,7 @@ import torch
 
 from tests.shardtools import ROOT, error_line, run_alexray
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
-from workers import checkpoint as ckpt
+from workers.models import checkpoint_format as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_incomplete_damaged_and_foreign_checkpoints_are_refused(tmp_path):
 
 def _schedule(**train):
     from alexray_core.spec import load_spec
-    from workers.train import LRSchedule
+    from workers.training.loop import LRSchedule
 
     spec = load_spec({"data": {"path": "x"}, "train": {"epochs": 10, **train}})
     return LRSchedule(spec, base_lr=0.1, steps_per_epoch=100)

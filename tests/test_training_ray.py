@@ -16,7 +16,7 @@ import pytest
 from tests.shardtools import start_alexray
 from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
-from workers.runstore import RunStore
+from workers.training.run_store import RunStore
 
 
 @pytest.fixture(scope="module")

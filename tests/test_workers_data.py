@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 
 from alexray_core.errors import AlexrayError
+from alexray_core.storage.s3reader import ResumableS3Reader
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
-from workers.data import SplitInfo, eval_batches, load_manifest, split_info, train_batches
-from workers.s3io import ResumableS3Reader
-from workers.sampling import plan_epoch, rank_slices
+from workers.data.loader import (
+    SplitInfo,
+    eval_batches,
+    load_manifest,
+    split_info,
+    train_batches,
+)
+from workers.data.sampling import plan_epoch, rank_slices
 
 UNEVEN = [37, 5, 61, 1, 23, 40, 12, 0, 29]  # deliberately uneven shards (one empty)
 

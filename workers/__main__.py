@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from workers.training.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

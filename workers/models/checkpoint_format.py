@@ -28,6 +28,7 @@ import torch
 
 from alexray_core.errors import AlexrayError
 from alexray_core.runs import COMPLETE
+
 FORMAT_VERSION = 2  # 2: every rank's files recorded (1: rank 0's only)
 
 

@@ -11,6 +11,7 @@ import sys
 from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, AlexrayError
 from alexray_core.goodput import process_start_time
 from alexray_core.spec import JobSpec, load_spec
+from alexray_core.storage import StorageError
 from data_prep.errors import ShardError
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str = "alexray train") -> int:
         if args.no_ray:
             summary = _train_here(spec, args.submitted_at)
         else:
-            from .launch import launch
+            from workers.training.driver import launch
 
             summary = launch(spec, args.address or os.environ.get("RAY_ADDRESS"), args.submitted_at)
     except AlexrayError as e:
@@ -52,13 +53,13 @@ def _train_here(spec: JobSpec, submitted: float | None = None) -> dict:
     """The run in this process. Data that fails it part-way (a shard that vanished, was refused or
     changed, storage that went away) fails the run, as it would on Ray; the spec and checkpoint
     problems found as it starts keep their own exit code."""
-    from .launch import prepare_run
-    from .train import run_local
+    from workers.training.driver import prepare_run
+    from workers.training.loop import run_local
 
     run_dir = prepare_run(spec)
     try:
         return run_local(spec, run_dir, submitted or process_start_time())
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         raise AlexrayError(f"training failed: {e}", exit_code=EXIT_FAILED) from None
 
 

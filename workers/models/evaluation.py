@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .data import SplitInfo, eval_batches
-from .gpu_decode import gpu_eval_batches
-from .models import class_probabilities
+from workers.data.gpu_decode import gpu_eval_batches
+from workers.data.loader import SplitInfo, eval_batches
+from workers.models.architectures import class_probabilities
 
 
 @dataclass

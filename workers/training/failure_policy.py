@@ -17,7 +17,10 @@ import logging
 import time
 
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+from ray.train.v2._internal.execution.failure_handling import (
+    FailureDecision,
+    FailurePolicy,
+)
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from alexray_core import goodput
@@ -51,8 +54,11 @@ class FailFastPolicy(FailurePolicy):
     def _record(self, error) -> None:
         if self.run_dir is None:
             return
-        from data_prep.storage import open_storage
-        from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+        from ray.train.v2._internal.execution.failure_handling.default import (
+            _is_preemption_failure,
+        )
+
+        from alexray_core.storage import open_storage
 
         now = time.time()
         try:

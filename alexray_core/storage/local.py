@@ -1,4 +1,4 @@
-"""Where shards live: a local directory or an S3 prefix, behind one small interface.
+"""The local backend of storage: a directory, written atomically.
 
 Both backends make a finished object visible atomically: locally a temp file is renamed into
 place, on S3 a single PUT or a completed multipart upload (an interrupted multipart upload is
@@ -9,7 +9,7 @@ half-written shard.
 ``create_exclusive``, ``take_over``, ``swap`` and ``delete_if`` are the few atomic steps a lease
 needs (``data_prep.lease``): a link on local disk, conditional PUTs (If-None-Match, If-Match) on S3.
 
-S3 access (``data_prep.s3storage``, helpers in ``data_prep.storage_api``) goes through boto3's standard credential chain and honours
+S3 access (``alexray_core.storage.s3``, helpers in ``alexray_core.storage.api``) goes through boto3's standard credential chain and honours
 ``AWS_ENDPOINT_URL``.
 Transient failures (connection drops, 5xx, throttling) are retried with exponential backoff by
 botocore and, around whole-object operations, by ``retry_transient``.
@@ -24,9 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StorageError
-from .s3storage import S3Storage
-from .storage_api import ObjectInfo, Storage, is_s3_url
+from alexray_core.storage.api import ObjectInfo, Storage, StorageError
 
 log = logging.getLogger("alexray.storage")
 
@@ -201,32 +199,3 @@ class LocalStorage(Storage):
         except (FileExistsError, NotADirectoryError):
             raise StorageError(f"{self.root} is a file, not a directory; choose a directory for DEST") from None
         super().check_writable()
-
-
-_ENV_PREFIXES = ("AWS_", "ALEXRAY_")
-
-
-def storage_env() -> dict[str, str]:
-    """The environment variables that decide how storage is reached (credentials, endpoint, retries)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-
-
-def apply_storage_env(env: dict[str, str]) -> None:
-    """Make this process's storage settings exactly ``env``.
-
-    Worker processes forked from a forkserver inherit the environment of the moment the server
-    started, not of the moment the work was handed out; they call this with the parent's settings.
-    """
-    for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
-        del os.environ[key]
-    os.environ.update(env)
-
-
-def open_storage(url: str | Path, record_uploads: bool = False) -> Storage:
-    """``s3://bucket/prefix`` -> S3Storage, anything else -> LocalStorage."""
-    url = str(url)
-    if is_s3_url(url):
-        return S3Storage(url, record_uploads=record_uploads)
-    if "://" in url and not url.startswith("file://"):
-        raise StorageError(f"unsupported storage URL {url!r}: use s3://BUCKET/PREFIX or a local path")
-    return LocalStorage(url.removeprefix("file://"))

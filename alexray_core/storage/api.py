@@ -1,8 +1,8 @@
 """The storage interface every backend implements, and what the backends share.
 
 ``Storage`` is a flat namespace of named objects under one root (a local directory:
-``data_prep.storage.LocalStorage``; an S3 prefix: ``data_prep.s3storage.S3Storage``); open one with
-``data_prep.storage.open_storage``. Here too: S3 URLs, the S3 client on boto3's standard credential
+``alexray_core.storage.local.LocalStorage``; an S3 prefix: ``alexray_core.storage.s3.S3Storage``); open one with
+``alexray_core.storage.local.open_storage``. Here too: S3 URLs, the S3 client on boto3's standard credential
 chain (``AWS_ENDPOINT_URL`` honoured), how S3 errors read to a user, and which of them are
 transient: those are retried with exponential backoff by botocore and, around whole-object
 operations, by ``retry_transient``.
@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from .errors import StorageError
+from alexray_core.errors import AlexrayError
 
 T = TypeVar("T")
+
+
+class StorageError(AlexrayError):
+    """Storage refused or could not be reached; the message says which and what to do."""
+
 log = logging.getLogger("alexray.storage")
 
 _TRANSIENT_CODES = {

@@ -14,12 +14,17 @@ import atexit
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from alexray_core import discovery
 from alexray_core.spec import planned_steps
-
-from .goodput import LedgerCollector
+from workers.training.ledger import LedgerCollector
 
 log = logging.getLogger("alexray.metrics")
 disable_created_metrics()  # no *_created series: every name stays a documented one

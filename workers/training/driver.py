@@ -21,9 +21,8 @@ from alexray_core.goodput import process_start_time
 from alexray_core.localcluster import LOOPBACK_ONLY, use_private_token
 from alexray_core.spec import JobSpec, check_same_job, new_run_name
 from data_prep.manifest import check_dataset
-
-from .goodput import close_account, open_account
-from .runstore import RunStore
+from workers.training.ledger import close_account, open_account
+from workers.training.run_store import RunStore
 
 log = logging.getLogger("alexray.launch")
 
@@ -108,11 +107,17 @@ class RunFailed(AlexrayError):
 
 
 def _fit(spec: JobSpec, run_dir: str, submitted: float) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchConfig
 
-    from .raytrain import FailFastTrainer, user_errors
-    from .train import train_func
+    from workers.training.failure_policy import FailFastTrainer, user_errors
+    from workers.training.loop import train_func
 
     lo, hi = spec.worker_range()
     resources = {"CPU": spec.scaling.cpus_per_worker}

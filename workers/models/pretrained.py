@@ -29,10 +29,16 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from alexray_core.spec import JobSpec, SpecError, is_state_dict_file, torchvision_model_name, torchvision_source
-from .inference import checkpoint_dir, describe, read_info
-from .models import build_model, classifier_head, model_kwargs
+from alexray_core.spec import (
+    JobSpec,
+    SpecError,
+    is_state_dict_file,
+    torchvision_model_name,
+    torchvision_source,
+)
+from workers.models import checkpoint_format as ckpt
+from workers.models.architectures import build_model, classifier_head, model_kwargs
+from workers.models.loading import checkpoint_dir, describe, read_info
 
 FIELD = "finetune.from_checkpoint"
 

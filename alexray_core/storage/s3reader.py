@@ -19,8 +19,13 @@ from urllib.parse import urlparse
 
 from webdataset.gopen import gopen_schemes
 
-from data_prep.errors import StorageError
-from data_prep.storage_api import backoff_delay, describe_s3_error, is_transient, make_s3_client
+from alexray_core.storage.api import (
+    StorageError,
+    backoff_delay,
+    describe_s3_error,
+    is_transient,
+    make_s3_client,
+)
 
 _client = None
 RUN_AGAIN = "run again (training resumes from its last checkpoint)"

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from alexray_core import runs
-from data_prep.storage import LocalStorage, open_storage
-
-from . import checkpoint as ckpt
+from alexray_core.storage import LocalStorage, open_storage
+from workers.models import checkpoint_format as ckpt
 
 log = logging.getLogger("alexray.runstore")
 
@@ -135,14 +134,14 @@ class RunStore(runs.RunFiles):
             raise
         return directory, True
 
-    def resume_point(self, newest: str | None, prefix: str, rank: int, world: int, agree) -> Resume | None:
+    def resume_point(self, newest: str | None, prefix: str, rank: int, world: int, all_reduce_sum) -> Resume | None:
         """At each start: clear this run's scratch left by killed processes, then choose the
         checkpoint to resume from; None for a fresh start.
 
         ``newest``: the newest checkpoint (the one Ray registered; older ones lie beside it, newer
         ones were never registered). The first of it and the older ones, newest first, that every
         rank finds complete (every rank's files, against their records) is chosen; the others are
-        skipped with their reason. ``agree(values)`` sums ``values`` over the ranks (every rank calls
+        skipped with their reason. ``all_reduce_sum(values)`` sums ``values`` over the ranks (every rank calls
         it the same number of times). No usable checkpoint fails the start: training from scratch
         under the name of a run that has checkpoints would throw its work away.
         """
@@ -154,7 +153,7 @@ class RunStore(runs.RunFiles):
         candidates = [newest] + [n for n in self.checkpoint_names(prefix) if runs.checkpoint_order(n) < newer]
         crc = zlib.crc32("\n".join(candidates).encode())
         mine = [float(len(candidates)), crc >> 16, (crc >> 16) ** 2, crc & 0xFFFF, (crc & 0xFFFF) ** 2]
-        if agree(mine) != [world * v for v in mine]:  # sums equal to world x each value: all ranks alike
+        if all_reduce_sum(mine) != [world * v for v in mine]:  # sums equal to world x each value: all ranks alike
             raise ckpt.CheckpointError(f"{self.run_dir}: the ranks see different checkpoints; the run's storage "
                                        "must be one shared by every node (run.storage)")
         skipped: list[tuple[str, str]] = []
@@ -169,7 +168,7 @@ class RunStore(runs.RunFiles):
                     reason = str(e)
             except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is skipped like a damaged one
                 directory, downloaded, reason = None, False, f"{where} cannot be read: {e}"
-            votes, rank0_ok = agree([float(reason is None), float(reason is None and rank == 0)])
+            votes, rank0_ok = all_reduce_sum([float(reason is None), float(reason is None and rank == 0)])
             if votes == world:
                 self.resumed = Resume(name, directory, downloaded, skipped)
                 if skipped and rank == 0:

@@ -23,15 +23,14 @@ from typing import Callable
 import torch
 
 from alexray_core.goodput import CHECKPOINT_STALL
-
-from . import checkpoint as ckpt
-from .runstore import RunStore
+from workers.models import checkpoint_format as ckpt
+from workers.training.run_store import RunStore
 
 log = logging.getLogger("alexray.checkpoint")
 
 
 class CheckpointManager:
-    """``session``: where checkpoints are published (``Session.save_checkpoint``); ``agree(values)``
+    """``session``: where checkpoints are published (``Session.save_checkpoint``); ``all_reduce_sum(values)``
     sums ``values`` over the ranks; ``state`` is the run's ``TrainState``, updated in place by the
     loop and recorded (with the schedule's state) at each ``save``."""
 
@@ -39,14 +38,14 @@ class CheckpointManager:
 
     def __init__(self, session, store: RunStore, state: ckpt.TrainState, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, schedule, *, attempt: int,
-                 agree: Callable[[list[float]], list[float]], async_upload: bool, delay: float = 0.0,
+                 all_reduce_sum: Callable[[list[float]], list[float]], async_upload: bool, delay: float = 0.0,
                  on_written: Callable[[float, int], None] | None = None, ledger=None):
         self.session, self.store, self.state = session, store, state
-        # the time the loop spends in these calls is the checkpoint's stall (workers.goodput)
+        # the time the loop spends in these calls is the checkpoint's stall (workers.training.ledger)
         self.stall = (lambda: ledger.charging(CHECKPOINT_STALL)) if ledger is not None else contextlib.nullcontext
         self.ledger = ledger
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.attempt, self.agree, self.async_upload, self.delay = attempt, agree, async_upload, delay
+        self.attempt, self.all_reduce_sum, self.async_upload, self.delay = attempt, all_reduce_sum, async_upload, delay
         self.writer = ckpt.BackgroundWriter(on_written=on_written)
 
     def __enter__(self) -> CheckpointManager:
@@ -98,7 +97,7 @@ class CheckpointManager:
         barrier. Training never waits for a write in progress."""
         if self.writer.busy:
             with self.stall():
-                if self.agree([float(self.writer.written)])[0] == self.session.world_size:
+                if self.all_reduce_sum([float(self.writer.written)])[0] == self.session.world_size:
                     self.writer.finish()
 
     def finish(self) -> None:

@@ -27,24 +27,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as ckpt
 from alexray_core import goodput
-from alexray_core.spec import JobSpec, SpecError, spec_from_dict
-from alexray_core.spec import check_resumed_identity
+from alexray_core.spec import JobSpec, SpecError, check_resumed_identity, spec_from_dict
 from alexray_core.spec import run_identity as identity
-from .checkpointing import CheckpointManager
-from .data import SplitInfo, load_manifest, split_info, too_many_skipped, train_batches
-from .evaluation import count_predictions, evaluation_batches
-from .finetune import load_backbone, param_groups
-from .flops import device_peak_flops, mfu, training_flops_per_sample
-from .goodput import Ledger, close_account, open_account
-from .gpu_decode import decode_on_device, gpu_train_batches
-from .hooks import DebugHooks
-from .metrics import NullMetrics, worker_metrics
-from .models import build_model, model_kwargs
-from .runstore import RunStore
-from .sampling import EpochPlan, plan_epoch
-from .transforms import to_model_input
+from workers.data.gpu_decode import decode_on_device, gpu_train_batches
+from workers.data.loader import (
+    SplitInfo,
+    load_manifest,
+    split_info,
+    too_many_skipped,
+    train_batches,
+)
+from workers.data.sampling import EpochPlan, plan_epoch
+from workers.data.transforms import to_model_input
+from workers.models import checkpoint_format as ckpt
+from workers.models.architectures import build_model, model_kwargs
+from workers.models.evaluation import count_predictions, evaluation_batches
+from workers.models.flops import device_peak_flops, mfu, training_flops_per_sample
+from workers.models.pretrained import load_backbone, param_groups
+from workers.training.checkpoints import CheckpointManager
+from workers.training.debug_hooks import DebugHooks
+from workers.training.ledger import Ledger, close_account, open_account
+from workers.training.metrics import NullMetrics, worker_metrics
+from workers.training.run_store import RunStore
 
 log = logging.getLogger("alexray.train")
 
@@ -192,7 +197,7 @@ class Run:
     channels_last: bool
     device_decode: bool  # data.decode resolved: batches decoded by gpu_decode on the device
     ledger: Ledger  # where this worker's wall time goes (alexray_core.goodput)
-    flops_per_sample: float  # model FLOPs of one training sample (3x its forward pass: workers.flops)
+    flops_per_sample: float  # model FLOPs of one training sample (3x its forward pass: workers.models.flops)
     peak_flops: float | None  # one device's dense peak FLOP/s at the run's precision; None: unknown (no MFU)
     preempted: bool = False  # a node announced it is going: its checkpoint is taken, no more checks
 
@@ -204,7 +209,7 @@ class Run:
     def world(self) -> int:
         return self.session.world_size
 
-    def agree(self, values: list[float]) -> list[float]:
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks; every rank must call it at the same point."""
         return _all_reduce(values, self.session.device)
 
@@ -310,8 +315,10 @@ def set_up(spec: JobSpec, run_dir: str, session: Session, ledger: Ledger, submit
                            peak_flops=peak)
     train_model = _wrap(model, spec, session)
     model.train()
-    return Run(spec, session, store, train_split, val_split, model, train_model, optimizer, schedule, state, meter,
-               attempt, use_bf16, channels_last, device_decode, ledger, flops, peak)
+    return Run(spec=spec, session=session, store=store, train_split=train_split, val_split=val_split, model=model,
+               train_model=train_model, optimizer=optimizer, schedule=schedule, state=state, meter=meter,
+               attempt=attempt, use_bf16=use_bf16, channels_last=channels_last, device_decode=device_decode,
+               ledger=ledger, flops_per_sample=flops, peak_flops=peak)
 
 
 # ---- an epoch -------------------------------------------------------------------------------------
@@ -357,7 +364,7 @@ class _ProgressWindow:
         state = run.state
         elapsed = time.perf_counter() - self.start
         self.read_losses()
-        images_total, loss_total, loss_n = run.agree([self.images, self.loss_sum, self.loss_count])
+        images_total, loss_total, loss_n = run.all_reduce_sum([self.images, self.loss_sum, self.loss_count])
         images_per_s = images_total / max(1e-9, elapsed)
         state.metrics = {"epoch": epoch, "step": state.global_step, "step_in_epoch": state.step_in_epoch,
                          "steps_per_epoch": plan.steps, "loss": loss_total / max(1, loss_n), "lr": lr,
@@ -378,7 +385,7 @@ def _agree_to_step(run: Run, batch, epoch: int, skipped: int, rank_samples: int)
     found = [len(batch.labels)] + [skipped if r == rank and over_limit else 0 for r in range(world)]
     # With several ranks this reads the sums back to the host every step: the one device->host sync
     # a step keeps, since every rank must know before stepping whether any rank has samples.
-    found = run.agree(found) if world > 1 else found
+    found = run.all_reduce_sum(found) if world > 1 else found
     over = [r for r in range(world) if found[1 + r]]
     if over:
         who = f"rank {over[0]} reads" if len(over) == 1 else f"ranks {', '.join(map(str, over))} read"
@@ -486,7 +493,7 @@ def validate(run: Run) -> dict:
                                  device=session.device)
     counts = count_predictions(run.model, batches, run.train_split.num_classes, session.device, run.channels_last,
                                run.use_bf16)
-    c1, c5, n, s = run.agree([counts.correct_top1, counts.correct_top5, counts.samples, counts.skipped])
+    c1, c5, n, s = run.all_reduce_sum([counts.correct_top1, counts.correct_top5, counts.samples, counts.skipped])
     if s > d.max_skipped_fraction * split.samples:  # every rank sees the same sums: all stop together
         raise too_many_skipped(f"{int(s)} of the {split.samples} samples of the val split",
                                d.max_skipped_fraction, d.path)
@@ -510,7 +517,7 @@ def end_epoch(run: Run, epoch: int, outcome: EpochOutcome) -> dict:
             state.best_top1 = metrics["val_top1"]
             if run.rank == 0:
                 run.store.write_best(run.model.state_dict(), state, metrics)
-    skipped_total, = run.agree([outcome.skipped])
+    skipped_total, = run.all_reduce_sum([outcome.skipped])
     metrics.update({"epoch_samples_used": plan.used, "epoch_samples_dropped": plan.dropped,
                     "corrupt_skipped": int(skipped_total)})
     state.history.append({k: metrics.get(k) for k in ("epoch", "loss", "val_top1", "val_top5", "images_per_s",
@@ -532,7 +539,7 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session, submitted: float |
     run = set_up(spec, run_dir, session, ledger, submitted)
     hooks = DebugHooks(spec.debug, run.store, run.rank, run.world, run.attempt)
     with CheckpointManager(session, run.store, run.state, run.model, run.optimizer, run.schedule,
-                           attempt=run.attempt, agree=run.agree, async_upload=spec.checkpoint.async_upload,
+                           attempt=run.attempt, all_reduce_sum=run.all_reduce_sum, async_upload=spec.checkpoint.async_upload,
                            delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written,
                            ledger=ledger) as checkpoints:
         for epoch in range(run.state.epoch, spec.train.epochs):

@@ -168,14 +168,14 @@ class LedgerCollector:
 
 def open_account(run_dir: str, submitted: float, slots: int) -> None:
     """Record when the run was submitted and its slots: ``alexray status`` accounts a live run from it."""
-    from data_prep.storage import open_storage
+    from alexray_core.storage import open_storage
 
     open_storage(run_dir).write_bytes(g.SESSION, json.dumps({"submitted": submitted, "slots": slots}).encode())
 
 
 def close_account(run_dir: str, submitted: float, summary: dict | None = None) -> dict:
     """The run's account from its submit to now, added to ``summary.json`` as ``goodput``."""
-    from .runstore import RunStore
+    from workers.training.run_store import RunStore
 
     store = RunStore(run_dir)
     summary = dict(summary or store.summary() or {})

@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from .errors import StorageError
-from .storage_api import (ObjectInfo, Storage, _unwrap_upload_error, backoff_delay, describe_s3_error, is_transient,
-                      make_s3_client, retry_transient, split_s3_url)
+from alexray_core.storage.api import (
+    ObjectInfo,
+    Storage,
+    StorageError,
+    _unwrap_upload_error,
+    backoff_delay,
+    describe_s3_error,
+    is_transient,
+    make_s3_client,
+    retry_transient,
+    split_s3_url,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("alexray.storage")

@@ -84,7 +84,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="Ray cluster to run on (default: RAY_ADDRESS, else a local cluster started for the job)")
         p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (one worker)")
     else:
-        from .export import FORMATS, QUANTIZATIONS
+        from workers.tools.export import FORMATS, QUANTIZATIONS
 
         p = argparse.ArgumentParser(prog=prog, description="Write a standalone TorchScript/ONNX model file and "
                                     "report its size, CPU latency and top-1 against the float model.")
@@ -137,9 +137,8 @@ def _dataset(given: str | None, checkpoint: str) -> str | None:
     """--data, else the dataset the checkpoint's run trained on if it is still readable."""
     if given:
         return given
-    from data_prep.storage import open_storage
-
-    from .inference import run_data_path
+    from alexray_core.storage import open_storage
+    from workers.models.loading import run_data_path
 
     found = run_data_path(checkpoint)
     try:
@@ -149,7 +148,8 @@ def _dataset(given: str | None, checkpoint: str) -> str | None:
 
 
 def _evaluate(args, prog: str) -> int:
-    from .inference import EvalOptions, evaluate, load_checkpoint
+    from workers.models.loading import load_checkpoint
+    from workers.tools.inference import EvalOptions, evaluate
 
     loaded = load_checkpoint(args.checkpoint)
     data = _dataset(args.data, args.checkpoint)
@@ -176,7 +176,8 @@ def _evaluate(args, prog: str) -> int:
 
 
 def _predict(args, prog: str) -> int:
-    from .inference import load_checkpoint, predict
+    from workers.models.loading import load_checkpoint
+    from workers.tools.inference import predict
 
     loaded = load_checkpoint(args.checkpoint)
     results = predict(loaded, args.images, ten_crop=args.ten_crop, top_k=args.top, show_progress=not args.no_progress)
@@ -198,12 +199,11 @@ def _predict(args, prog: str) -> int:
 
 
 def _finetune(args, prog: str) -> int:
-    from data_prep.storage_api import is_s3_url
-
-    from .cli import main as train_main
     from alexray_core.spec import load_spec, torchvision_source
-    from .finetune import check_source, check_weights_source
-    from .inference import checkpoint_info
+    from alexray_core.storage.api import is_s3_url
+    from workers.models.loading import checkpoint_info
+    from workers.models.pretrained import check_source, check_weights_source
+    from workers.training.cli import main as train_main
 
     source = args.source
     if not is_s3_url(source) and torchvision_source(source) is None:
@@ -226,8 +226,8 @@ def _finetune(args, prog: str) -> int:
 
 
 def _export(args, prog: str) -> int:
-    from .export import ExportOptions, export
-    from .inference import load_checkpoint
+    from workers.models.loading import load_checkpoint
+    from workers.tools.export import ExportOptions, export
 
     loaded = load_checkpoint(args.checkpoint)
     data = _dataset(args.data, args.checkpoint)

@@ -305,7 +305,7 @@ def class_probabilities(model: nn.Module, images: torch.Tensor, channels_last: b
                         use_bf16: bool = False) -> torch.Tensor:
     """Class probabilities for uint8 crops ``(N, C, H, W)``, or for stacks of crops ``(N, K, C, H, W)``
     averaged over each stack (the paper's 10-crop evaluation averages the predictions, not the logits)."""
-    from .transforms import to_model_input
+    from workers.data.transforms import to_model_input
 
     crops = images.shape[1] if images.dim() == 5 else 1
     flat = images.flatten(0, 1) if crops > 1 else images

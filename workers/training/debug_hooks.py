@@ -14,8 +14,7 @@ from __future__ import annotations
 import time
 
 from alexray_core.spec import DebugSpec
-
-from .runstore import RunStore
+from workers.training.run_store import RunStore
 
 
 class DebugHooks:

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from alexray_core.errors import AlexrayError
-
-from .inference import LoadedModel, check_classes, describe
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from workers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from workers.models.loading import LoadedModel, describe
+from workers.tools.inference import check_classes
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZATIONS = ("int8",)
@@ -173,7 +173,7 @@ def _eager_runner(loaded: LoadedModel):
 
 def val_subset(loaded: LoadedModel, data: str, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``count`` samples of the split as evaluation crops (uint8 NCHW) and labels."""
-    from .data import eval_batches, load_manifest, split_info
+    from workers.data.loader import eval_batches, load_manifest, split_info
 
     info = split_info(data, load_manifest(data), split)
     check_classes(loaded, info, data)

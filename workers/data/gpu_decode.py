@@ -33,11 +33,26 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from alexray_core.spec import SpecError
-
-from .data import Batch, SplitInfo, ThreadedTrainLoader, _skip, eval_segments, read_segments, sample_parts
-from .sampling import EpochPlan, RankSlice, rank_slices
-from .transforms import (_MAX_PIXELS, CorruptSample, _decode_region, eval_boxes, eval_image, lighting_alphas,
-                         random_resized_crop_box, train_image)
+from workers.data.loader import (
+    Batch,
+    SplitInfo,
+    ThreadedTrainLoader,
+    _skip,
+    eval_segments,
+    read_segments,
+    sample_parts,
+)
+from workers.data.sampling import EpochPlan, RankSlice, rank_slices
+from workers.data.transforms import (
+    _MAX_PIXELS,
+    CorruptSample,
+    _decode_region,
+    eval_boxes,
+    eval_image,
+    lighting_alphas,
+    random_resized_crop_box,
+    train_image,
+)
 
 log = logging.getLogger(__name__)
 DECODE_CHOICES = ("auto", "cpu", "gpu")

@@ -31,12 +31,22 @@ from webdataset.gopen import gopen
 
 from alexray_core.errors import EXIT_FAILED
 from alexray_core.spec import SpecError
-from data_prep.errors import ShardError, StorageError
-from data_prep.storage import apply_storage_env, storage_env
-
-from . import s3io
-from .sampling import EpochPlan, RankSlice, Segment, rank_slices, shuffled_position
-from .transforms import CorruptSample, eval_image, lighting_alphas, train_image
+from alexray_core.storage import StorageError, apply_storage_env, storage_env
+from alexray_core.storage import s3reader as s3io
+from data_prep.errors import ShardError
+from workers.data.sampling import (
+    EpochPlan,
+    RankSlice,
+    Segment,
+    rank_slices,
+    shuffled_position,
+)
+from workers.data.transforms import (
+    CorruptSample,
+    eval_image,
+    lighting_alphas,
+    train_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +576,7 @@ def _one_line_errors(loader: DataLoader) -> Iterator[dict]:
     worker's traceback that DataLoader puts into the message."""
     try:
         yield from loader
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         lines = str(e).strip().splitlines()
         if len(lines) == 1:
             raise

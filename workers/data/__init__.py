@@ -1,0 +1,1 @@
+"""Training data: the streaming shard loader, its sampling plan, image transforms and GPU decode."""

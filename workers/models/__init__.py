@@ -1,0 +1,1 @@
+"""Models: architectures, their FLOP count, the checkpoint file format, loading and evaluation."""
