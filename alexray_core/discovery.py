@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from alexray_core.errors import AlexrayError
+from alexray_core.processes import alive
 
 log = logging.getLogger("alexray.metrics")
 
@@ -118,16 +119,6 @@ def write_targets(path: Path, entries: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prune_dead_local_targets(directory: Path | None = None) -> list[Path]:
     """Remove ``local-*-PID.json`` files whose process is gone (killed before it could clean up)."""
     directory = directory or targets_dir()
@@ -136,7 +127,7 @@ def prune_dead_local_targets(directory: Path | None = None) -> list[Path]:
         return removed
     for path in directory.iterdir():
         match = _LOCAL.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -2,14 +2,15 @@
 
 Workers write it (``workers.training.run_store.RunStore``, a ``RunFiles`` that also writes); the
 orchestrator reads it (``alexray status``, ``resume``, preflight) without torch. Both take every
-name from here. What the files hold:
+name from here, the names of a checkpoint's files included (``MODEL``...; what they hold and
+how they are written: ``workers.models.checkpoint_format``). What the run's files hold:
 
 - ``spec.json``: the spec the run was started with;
 - ``attempts/NNNN.json``: one per start of the worker group (restarts = count - 1);
 - ``progress.json``: the latest metrics (epoch, step, loss, images/s);
 - ``best/``: the model with the best val top-1 so far, ``best/metrics.json`` its metrics;
 - ``checkpoint_e{epoch}_s{step}[_a{attempt}]/``: checkpoints (Ray's, in the run directory itself;
-  under ``checkpoints/`` for runs without Ray), each complete once its ``complete.json`` is there;
+  under ``checkpoints/`` for runs without Ray), each complete once its ``COMPLETE`` record is there;
 - ``goodput/``: the workers' ledgers, the failures and the session the run's time is accounted
   from (``alexray_core.goodput``);
 - ``summary.json``: written at the end.
@@ -20,8 +21,9 @@ A storage here is any object with ``exists``, ``list`` and ``read_bytes`` (``ale
 from __future__ import annotations
 
 import json
-import os
 import re
+
+from alexray_core.storage import absolute_location
 
 SPEC = "spec.json"
 PROGRESS = "progress.json"
@@ -32,21 +34,40 @@ BEST_METRICS = "best/metrics.json"
 LOCAL_CHECKPOINTS = "checkpoints/"  # where a run without Ray keeps its checkpoints
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray's record of the checkpoints it registered
 
-# A checkpoint directory: its completeness record (written last) and the files a model needs.
-COMPLETE = "complete.json"
-MODEL_FILES = ("state.json", "model.pt")
+# The files of a checkpoint directory. Every file name is spelt here only: the rest of the code
+# (and its messages and docstrings) names them through these constants.
+MODEL = "model.pt"  # rank 0: the model's state dict
+OPTIMIZER = "optimizer.pt"  # rank 0: the optimizer's state dict
+STATE = "state.json"  # rank 0: the training state (``TrainState``), the model's description among it
+COMPLETE = "complete.json"  # rank 0's completeness record, written last
+RNG_FILE = "rng-rank{rank}.pt"  # every rank: its RNG states
+RANK_RECORD = "complete-rank{rank}.json"  # every rank but 0: the completeness record of its part
+CHECKPOINT_FILES = (MODEL, OPTIMIZER, STATE, COMPLETE, RNG_FILE, RANK_RECORD)
+MODEL_FILES = (STATE, MODEL)  # what opening a checkpoint as a model reads
 
 # ``_aNNNN``: a step taken again by attempt NNNN after the checkpoint of that step was found
 # damaged (Ray deletes an evicted checkpoint by path, so names never repeat)
 CHECKPOINT_NAME = re.compile(r"checkpoint_e(\d+)_s(\d+)(?:_a(\d+))?")
 
 
+def rng_file(rank: int) -> str:
+    return RNG_FILE.format(rank=rank)
+
+
+def rank_record(rank: int) -> str:
+    """The completeness record of a rank's part of a checkpoint (rank 0's is ``COMPLETE``)."""
+    return COMPLETE if rank == 0 else RANK_RECORD.format(rank=rank)
+
+
+def is_rank_record(name: str) -> bool:
+    """A record of a rank other than 0."""
+    head, _, tail = RANK_RECORD.partition("{rank}")
+    return name.startswith(head) and name.endswith(tail) and name[len(head):-len(tail)].isdigit()
+
+
 def run_dir(storage: str, name: str) -> str:
     """``{storage}/{name}``; a local storage is made absolute (workers run elsewhere)."""
-    storage = storage.rstrip("/")
-    if not storage.startswith("s3://"):
-        storage = os.path.abspath(os.path.expanduser(storage))
-    return f"{storage}/{name}"
+    return f"{absolute_location(storage.rstrip('/'))}/{name}"
 
 
 def checkpoint_name(epoch: int, step: int, attempt: int | None = None) -> str:

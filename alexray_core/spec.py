@@ -39,7 +39,7 @@ class DataSpec:
     val_split: str | None = "val"  # split to evaluate on every epoch; None: no evaluation
     streams: int = 8  # fixed partitions of each epoch; must divide the global batch (world-size independent)
     shuffle_block: int = 1000  # samples shuffled together within a stream (memory: this many raw JPEGs)
-    num_workers: int = 2  # decoding threads per training worker (1 at least); evaluation's DataLoader processes
+    num_workers: int = 2  # decoding threads per training worker (1 at least), and per evaluation
     # data.decode may change on resume (it is not in run_identity): both paths draw the same samples and crops.
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # JPEGs: cpu (data threads), gpu (nvJPEG), auto (gpu on CUDA)
     # gpu on a CPU-only worker runs the device path on the CPU (what the tests check); auto falls back to cpu
@@ -370,7 +370,15 @@ def _check_path_components(spec: JobSpec) -> None:
 def validate(spec: JobSpec) -> JobSpec:
     """Refuse impossible values, naming the field."""
     _check_path_components(spec)
-    t, d, s = spec.train, spec.data, spec.scaling
+    _check_training_values(spec)
+    _check_workers(spec)
+    _check_finetune(spec)
+    return spec
+
+
+def _check_training_values(spec: JobSpec) -> None:
+    """Each number of train, data, model and checkpoint (and failure.max_failures) within its range."""
+    t, d = spec.train, spec.data
     positive = {"train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size,
                 "train.base_batch_size": t.base_batch_size, "train.step_epochs": t.step_epochs,
                 "train.log_every": t.log_every, "data.streams": d.streams, "data.shuffle_block": d.shuffle_block,
@@ -415,6 +423,11 @@ def validate(spec: JobSpec) -> JobSpec:
         raise SpecError(f"model.dropout: must be in [0, 1), got {spec.model.dropout}")
     if spec.model.num_classes is not None and spec.model.num_classes < 2:
         raise SpecError(f"model.num_classes: must be at least 2, got {spec.model.num_classes}")
+
+
+def _check_workers(spec: JobSpec) -> None:
+    """The workers' range and resources, a batch every run size divides, preemption's settings."""
+    t, d, s = spec.train, spec.data, spec.scaling
     if isinstance(s.num_workers, list):
         if len(s.num_workers) != 2 or not 1 <= s.num_workers[0] <= s.num_workers[1]:
             raise SpecError(f"scaling.num_workers: a range must be [min, max] with 1 <= min <= max, got {s.num_workers}")
@@ -436,6 +449,10 @@ def validate(spec: JobSpec) -> JobSpec:
     if spec.failure.preemption_check_steps < 0:
         raise SpecError(f"failure.preemption_check_steps: must not be negative (0: never ask), "
                         f"got {spec.failure.preemption_check_steps}")
+
+
+def _check_finetune(spec: JobSpec) -> None:
+    """Fine-tuning's weights source suits the model, and its options come with a source."""
     f = spec.finetune
     if f.from_checkpoint is not None and not f.from_checkpoint.strip():
         raise SpecError("finetune.from_checkpoint: empty; give a checkpoint or run directory, torchvision:NAME, "
@@ -450,7 +467,6 @@ def validate(spec: JobSpec) -> JobSpec:
         which = "freeze_features" if f.freeze_features else "backbone_lr_mult"
         raise SpecError(f"finetune.{which}: only applies with finetune.from_checkpoint "
                         "(alexray finetune SPEC.yaml --from CHECKPOINT)")
-    return spec
 
 
 def load_spec(source: str | Path | dict | None, overrides: list[str] | None = None) -> JobSpec:
@@ -517,7 +533,7 @@ def check_same_job(existing: dict, spec: JobSpec) -> None:
 
 
 def check_resumed_identity(recorded: dict, spec: JobSpec) -> None:
-    """Refuse to resume a checkpoint whose recorded identity (``state.json``) is another job's."""
+    """Refuse to resume a checkpoint whose recorded identity (in its training state) is another job's."""
     changed = _identity_changes(recorded, run_identity(spec))
     if changed:
         raise SpecError(f"run.name: this run's checkpoint belongs to a different job ({changed}); put the fields "

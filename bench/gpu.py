@@ -4,8 +4,8 @@ CPU decode path and with the device decode path, in one run on one device.
 Single process, no Ray (GPU machines used for benchmarking may have none). On CUDA: bf16 autocast
 and channels_last, as in training. For each batch size and with and without ``torch.compile`` it
 prints images/s, the ratio to synthetic tensors (near 1.0: the loader keeps up), peak GPU memory and
-model FLOP utilisation (training FLOPs per sample, 3x the forward pass counted by
-``FlopCounterMode``, against the device's dense bf16 peak; on the CPU, FLOP/s only). It also times
+model FLOP utilisation (training FLOPs per sample and the device's dense bf16 peak as training
+counts them, ``workers.models.flops``; on the CPU, FLOP/s only). It also times
 each loader alone (decode rate) and checks that the device path gives the CPU path's samples.
 
     python bench/gpu.py --make-data /tmp/bench --images 8192             # build shards, then measure
@@ -26,7 +26,6 @@ import importlib.util
 import itertools
 import json
 import os
-import re
 import sys
 import time
 import types
@@ -56,9 +55,8 @@ if not HAVE_OPENCV:
 
 from workers.data.transforms import to_model_input  # noqa: E402
 from workers.models.architectures import build_model  # noqa: E402
+from workers.models.flops import device_peak_flops, training_flops_per_sample  # noqa: E402
 
-# Dense bf16 tensor-core peaks (FLOP/s), by device name.
-PEAKS = ((r"H100 PCIe", 756e12), (r"H200|H100", 989e12), (r"A100", 312e12), (r"A10G", 70e12), (r"\bL4\b", 121e12))
 QUICK = {"batch": [8], "steps": 2, "warmup": 1, "compile": ["off"], "images": 64}
 
 
@@ -192,25 +190,7 @@ def parity(path: str, batch: int, size: int, threads: int, device: torch.device,
             "worst_image_mean_abs_diff": round(d.max().item(), 3), "images": len(d)}
 
 
-def train_flops_per_sample(name: str, classes: int, width: float, size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(name, classes, width)
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(2, 3, size, size))
-    return 3 * counter.get_total_flops() / 2  # backward costs about twice the forward pass
-
-
-def peak_flops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for pattern, peak in PEAKS if re.search(pattern, name)), None)
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a directory (or s3:// URL) written by 'alexray shard'")
     p.add_argument("--make-data", metavar="DIR", help="build shards of generated photographs in DIR and use them")
@@ -236,17 +216,22 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch, args.steps, args.warmup, args.compile = QUICK["batch"], QUICK["steps"], QUICK["warmup"], QUICK["compile"]
         args.images = min(args.images, QUICK["images"])
+    if not args.data and not args.make_data and args.paths != ["synthetic"]:
+        p.error("--data or --make-data is required unless --paths synthetic")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.make_data:
         args.data = str(make_data(Path(args.make_data), args.images, args.photos))
-    if not args.data and args.paths != ["synthetic"]:
-        p.error("--data or --make-data is required unless --paths synthetic")
     paths = [path for path in args.paths if path != "cpu" or HAVE_OPENCV]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = on_gpu
-    flops = train_flops_per_sample(args.model, args.classes, args.width, args.image_size)
-    peak = peak_flops(device, args.peak_tflops)
+    flops = training_flops_per_sample(build_model(args.model, args.classes, args.width), args.image_size)
+    peak = device_peak_flops(device, bf16=True, override_tflops=args.peak_tflops or 0.0)
     results = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "cpus": len(os.sched_getaffinity(0)),
                "torch": torch.__version__, "model": args.model, "width": args.width, "image_size": args.image_size,
                "opencv": HAVE_OPENCV, "cpu_threads": args.threads, "header_threads": args.header_threads,

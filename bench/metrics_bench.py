@@ -48,7 +48,7 @@ def _train(spec: Path, name: str, metrics_on: bool, targets: Path) -> tuple[floa
 
 def _per_step_microseconds(steps: int = 100_000) -> dict:
     """What the loop pays per step: the goodput ledger (on with metrics on or off), and the metrics
-    calls (``timed`` around the batch plus ``trained``) on top of it."""
+    calls (``observe_step`` with the ledger's readings, plus ``trained``) on top of it."""
     from workers.training.ledger import Ledger
     from workers.training.metrics import WorkerMetrics
 
@@ -62,7 +62,7 @@ def _per_step_microseconds(steps: int = 100_000) -> dict:
     ledger = loop(lambda batches: Ledger().timed(batches, 0))
     metrics = WorkerMetrics("bench", 0, "127.0.0.1", ledger=Ledger())
     started = time.perf_counter()
-    for step in metrics.timed(Ledger().timed(range(steps), 0)):
+    for step in Ledger().timed(range(steps), 0, metrics.observe_step):
         metrics.trained(128, 2.3, 0.01, 0, step)
     both = time.perf_counter() - started
     return {"ledger": round((ledger - bare) / steps * 1e6, 2), "metrics": round((both - ledger) / steps * 1e6, 2)}

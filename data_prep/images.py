@@ -9,6 +9,9 @@ Two steps, so a dataset can be planned before any shard is written:
   never from the file name.
 - ``prepare_image`` (in the shard writer) produces the stored bytes for that decision.
 
+``sample_jpeg`` does both for one file in memory, at its own size: what classifying a new image
+needs to see it as training saw its samples.
+
 A clean RGB JPEG is accepted on its structure (headers parse, the end-of-image marker is present)
 unless ``check="decode"`` asks for a full decode: a full decode is what limits throughput, and
 libjpeg tolerates most damage inside the entropy-coded data anyway.
@@ -109,6 +112,13 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _kept_as_is(image: Image.Image, orientation: int, tail: bytes) -> bool:
+    """The rule for *keep*: a complete (end-of-image marker in ``tail``, the file's last bytes),
+    upright RGB JPEG is stored byte for byte."""
+    return (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+            and tail.rstrip(b"\x00").endswith(_EOI))
+
+
 def _displayed_size(image: Image.Image, orientation: int) -> tuple[int, int]:
     if orientation in (5, 6, 7, 8):  # the EXIF orientations that swap width and height
         return image.height, image.width
@@ -157,8 +167,7 @@ def probe_image(path: str, options: ImageOptions) -> Probe:
             image = open_image(data, options.max_pixels)
         orientation = _orientation(image)
         width, height = _displayed_size(image, orientation)
-        clean_jpeg = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
-                      and tail.rstrip(b"\x00").endswith(_EOI))
+        clean_jpeg = _kept_as_is(image, orientation, tail)
         if not clean_jpeg or options.check == "decode":
             if len(data) < size:
                 data = read_file(path)
@@ -177,6 +186,25 @@ def probe_image(path: str, options: ImageOptions) -> Probe:
     if short is not None and min(width, height) > short:
         return Probe(RESIZE, width=width, height=height)
     return Probe(KEEP if clean_jpeg else CONVERT, width=width, height=height)
+
+
+def sample_jpeg(data: bytes) -> bytes:
+    """An image file's bytes as the RGB JPEG sharding (without ``--resize-short-side``) stores for it.
+
+    The format comes from the bytes: a complete upright RGB JPEG is kept as it is; CMYK and
+    grayscale JPEGs, PNGs (transparency on white), EXIF-rotated images and other formats become
+    upright RGB JPEGs, as ``probe_image`` and ``prepare_image`` turn them into training samples.
+    Truncated and non-image files raise ``RejectedImage`` with the reason.
+    """
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    options = ImageOptions()
+    image = open_image(data, options.max_pixels)
+    orientation = _orientation(image)
+    if _kept_as_is(image, orientation, data[-16:]):
+        return data
+    width, height = _displayed_size(image, orientation)
+    return prepare_image(data, Probe(CONVERT, width=width, height=height), options)[0]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

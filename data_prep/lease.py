@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
+from alexray_core.processes import alive, start_ticks
 from alexray_core.storage import StorageError
 from alexray_core.storage.api import Storage
 
@@ -45,25 +46,6 @@ def _boot_id() -> str:
         return ""
 
 
-def _process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot: tells a live holder from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not started or _process_start(pid) in ("", started)
-
-
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lease: the run's token, its machine and process, and when it last renewed."""
@@ -79,7 +61,7 @@ class Holder:
     @classmethod
     def of_this_process(cls) -> "Holder":
         now = time.time()
-        return cls(secrets.token_hex(16), socket.gethostname(), _boot_id(), os.getpid(), _process_start(os.getpid()),
+        return cls(secrets.token_hex(16), socket.gethostname(), _boot_id(), os.getpid(), start_ticks(os.getpid()),
                    now, now)
 
     @classmethod
@@ -98,7 +80,7 @@ class Holder:
     def is_stale(self, now: float) -> bool:
         if now - self.renewed > STALE_SECONDS:
             return True
-        return self.on_this_machine() and not _alive(self.pid, self.pid_start)
+        return self.on_this_machine() and not alive(self.pid, self.pid_start)
 
     def describe(self, now: float) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))

@@ -1,7 +1,8 @@
 """``manifest.json``: the one file that says what a shard directory holds.
 
-It is written last, so its presence means every shard it lists is complete. Readers in other
-packages parse it as plain JSON; this module documents and checks the format.
+It is written last, so its presence means every shard it lists is complete. This module documents
+and checks the format: every reader parses it with ``parse_manifest``, and a job's class count is
+checked against it by ``check_num_classes``.
 
 ```
 {
@@ -106,8 +107,15 @@ def check_dataset(path: str, train_split: str, val_split: str | None, num_classe
             have = ", ".join(sorted(s for s in splits if splits[s].get("samples"))) or "none"
             raise ShardError(f"{field}: the dataset at {path} has no samples in split {split!r} (splits: {have}); "
                              f"set {field} to one of them" + (" or null" if field == "data.val_split" else ""), 2)
+    check_num_classes(manifest, num_classes, path)
+    return manifest
+
+
+def check_num_classes(manifest: dict, num_classes: int | None, path: str) -> int:
+    """The dataset's class count; a ShardError naming ``model.num_classes`` when it asks for another
+    (None: whatever the dataset has)."""
     classes = manifest.get("num_classes", len(manifest.get("classes") or []))
     if num_classes is not None and num_classes != classes:
         raise ShardError(f"model.num_classes: {num_classes} does not match the {classes} classes of the dataset at "
                          f"{path}; set it to {classes} or leave it unset", 2)
-    return manifest
+    return classes

@@ -229,99 +229,158 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
         lease.release()
 
 
+@dataclass
+class _Sharding:
+    """What every step of one sharding reads: DEST (its lease held), SRC's files and the options."""
+
+    storage: Storage
+    dataset: SourceDataset
+    config: ShardConfig
+    lease: Lease
+    metrics: object  # a data_prep.metrics.ShardMetrics, or None
+    fingerprint: str
+    options: ImageOptions
+
+
+@dataclass
+class _Probed:
+    """Pass 1's outcome: every file probed."""
+
+    probes: dict[str, SplitProbes]
+    rejected: dict[str, list[dict]]  # per split: the inputs refused so far ({"path", "reason"})
+    n_inputs: int  # SRC's files, the ones the scan refused included
+
+
+@dataclass
+class _Plan:
+    """Every split's shards, and which of them this run writes."""
+
+    plans: list[SplitPlan]
+    done: dict[str, ShardResult]  # left complete by an earlier run of this same sharding
+    todo: list[tuple[SplitPlan, int]]  # (its split's plan, shard index): the shards to write
+
+
 def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: ShardConfig, lease: Lease,
                          metrics) -> ShardSummary:
     fingerprint = fingerprint_of(dataset, config)
-    progress_on = config.progress
     if _check_existing(storage, fingerprint, config):
         manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), storage.join(MANIFEST_NAME))
         return ShardSummary(storage.url, manifest, 0, 0, 0.0, up_to_date=True)
     storage.clean_partial()
 
-    options = config.image_options()
+    job = _Sharding(storage, dataset, config, lease, metrics, fingerprint, config.image_options())
     executor = make_executor(config.workers, config.ray_address)
     on_ray = isinstance(executor, RayExecutor)
     # Local workers share this machine's temp dir; Ray tasks use their own node's (staging_dir None).
     staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None and not on_ray else None
     try:
-        # Pass 1: probe every file.
-        probes = {split: SplitProbes(len(table)) for split, table in dataset.splits.items()}
-        chunks = [(split, start) for split in sorted(dataset.splits)
-                  for start in range(0, len(dataset.splits[split]), PROBE_CHUNK)]
-        n_files = sum(len(table) for table in dataset.splits.values())
-        bar = Progress("checking", n_files, progress_on)
-        for i, result in executor.run(probe_chunk, _probe_tasks(dataset, chunks, options), bar):
-            split, start = chunks[i]
-            probes[split].record(start, result)
-        bar.close()
-
-        rejected: dict[str, list[dict]] = {}
-        for split, table in dataset.splits.items():
-            rejected[split] = [r.to_json() for r in dataset.rejects.get(split, [])]
-            rejected[split] += [{"path": table.relpath(i), "reason": reason} for i, reason in sorted(probes[split].rejects)]
-        n_inputs = n_files + sum(len(r) for r in dataset.rejects.values())
-        if metrics is not None:
-            for split, items in rejected.items():
-                metrics.rejected(split, len(items))
-        _check_reject_fraction(rejected, n_inputs, config.max_reject_fraction)
-
-        plans = [SplitPlan(split, dataset.splits[split], probes[split], dataset.class_ids, options, config.seed,
-                           config.shard_size, config.max_shard_bytes) for split in sorted(dataset.splits)]
-        planned = {name for plan in plans for name in plan.names()}
-        if not planned:
-            raise ShardError(f"no valid images in SRC {dataset.root}: all {n_inputs} inputs were rejected "
-                             f"(first: {_first_reject(rejected)}); point SRC at an image dataset")
-        done = _completed_shards(storage, planned, fingerprint)
-        if config.overwrite:
-            _remove_stale(storage, planned, keep=set(done))
-        todo = [(plan, i) for plan in plans for i in range(len(plan)) if plan.name(i) not in done]
-        if done:
-            log.warning("resuming: %d of %d shards already complete at %s", len(done), len(planned), storage.url)
-
-        # Pass 2: write the shards that are missing. Local workers only build them; this process
-        # publishes (uploads) them on I/O threads, so no worker sits idle waiting for the network.
-        results = dict(done)
-        # Built as workers take them: only the shards in flight exist as lists of samples.
-        ray_only = {"lease_token": lease.token} if on_ray else {}
-        tasks = ({"plan": plan.shard(i), "src_root": str(dataset.root), "storage": storage, "options": options,
-                  "fingerprint": fingerprint, "staging_dir": staging, **ray_only} for plan, i in todo)
-        bar = Progress("sharding", sum(plan.samples_in(i) for plan, i in todo), progress_on)
-        if on_ray:
-            for _, result in executor.run(write_shard, tasks, bar):
-                results[result.name] = result
-                if metrics is not None:
-                    metrics.shard_written(result)
-        else:
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as uploads:
-                published = []
-                for _, (result, path) in executor.run(build_shard, tasks, bar):
-                    published.append(uploads.submit(publish_shard, storage, result, path, lease.check))
-                    results[result.name] = result
-                    if metrics is not None:
-                        metrics.shard_written(result)
-                for future in published:
-                    future.result()
-        seconds = bar.elapsed
-        bar.close()
+        probed = _probe_files(job, executor)
+        plan = _plan_shards(job, probed)
+        results, seconds = _write_shards(job, plan, executor, staging)
     finally:
         executor.close()
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
+    return _write_manifest(job, probed, plan, results, seconds)
 
+
+def _probe_files(job: _Sharding, executor) -> _Probed:
+    """Pass 1: probe every file; fails when more than --max-reject-fraction of the inputs are refused."""
+    dataset, config = job.dataset, job.config
+    probes = {split: SplitProbes(len(table)) for split, table in dataset.splits.items()}
+    chunks = [(split, start) for split in sorted(dataset.splits)
+              for start in range(0, len(dataset.splits[split]), PROBE_CHUNK)]
+    n_files = sum(len(table) for table in dataset.splits.values())
+    bar = Progress("checking", n_files, config.progress)
+    for i, result in executor.run(probe_chunk, _probe_tasks(dataset, chunks, job.options), bar):
+        split, start = chunks[i]
+        probes[split].record(start, result)
+    bar.close()
+
+    rejected: dict[str, list[dict]] = {}
+    for split, table in dataset.splits.items():
+        rejected[split] = [r.to_json() for r in dataset.rejects.get(split, [])]
+        rejected[split] += [{"path": table.relpath(i), "reason": reason} for i, reason in sorted(probes[split].rejects)]
+    n_inputs = n_files + sum(len(r) for r in dataset.rejects.values())
+    if job.metrics is not None:
+        for split, items in rejected.items():
+            job.metrics.rejected(split, len(items))
+    _check_reject_fraction(rejected, n_inputs, config.max_reject_fraction)
+    return _Probed(probes, rejected, n_inputs)
+
+
+def _plan_shards(job: _Sharding, probed: _Probed) -> _Plan:
+    """Every split's shards from the probes; those an earlier run left complete are kept (with
+    --overwrite, everything else at DEST is removed)."""
+    storage, dataset, config = job.storage, job.dataset, job.config
+    plans = [SplitPlan(split, dataset.splits[split], probed.probes[split], dataset.class_ids, job.options,
+                       config.seed, config.shard_size, config.max_shard_bytes) for split in sorted(dataset.splits)]
+    planned = {name for plan in plans for name in plan.names()}
+    if not planned:
+        raise ShardError(f"no valid images in SRC {dataset.root}: all {probed.n_inputs} inputs were rejected "
+                         f"(first: {_first_reject(probed.rejected)}); point SRC at an image dataset")
+    done = _completed_shards(storage, planned, job.fingerprint)
+    if config.overwrite:
+        _remove_stale(storage, planned, keep=set(done))
+    todo = [(plan, i) for plan in plans for i in range(len(plan)) if plan.name(i) not in done]
+    if done:
+        log.warning("resuming: %d of %d shards already complete at %s", len(done), len(planned), storage.url)
+    return _Plan(plans, done, todo)
+
+
+def _write_shards(job: _Sharding, plan: _Plan, executor, staging: str | None) -> tuple[dict[str, ShardResult], float]:
+    """Pass 2: write the shards that are missing; every shard's result (the kept ones included) and
+    the seconds it took. Local workers only build them; this process publishes (uploads) them on
+    I/O threads, so no worker sits idle waiting for the network."""
+    storage, metrics = job.storage, job.metrics
+    results = dict(plan.done)
+    on_ray = isinstance(executor, RayExecutor)
+    # Built as workers take them: only the shards in flight exist as lists of samples.
+    ray_only = {"lease_token": job.lease.token} if on_ray else {}
+    tasks = ({"plan": split_plan.shard(i), "src_root": str(job.dataset.root), "storage": storage,
+              "options": job.options, "fingerprint": job.fingerprint, "staging_dir": staging, **ray_only}
+             for split_plan, i in plan.todo)
+    bar = Progress("sharding", sum(split_plan.samples_in(i) for split_plan, i in plan.todo), job.config.progress)
+    if on_ray:
+        for _, result in executor.run(write_shard, tasks, bar):
+            results[result.name] = result
+            if metrics is not None:
+                metrics.shard_written(result)
+    else:
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as uploads:
+            published = []
+            for _, (result, path) in executor.run(build_shard, tasks, bar):
+                published.append(uploads.submit(publish_shard, storage, result, path, job.lease.check))
+                results[result.name] = result
+                if metrics is not None:
+                    metrics.shard_written(result)
+            for future in published:
+                future.result()
+    seconds = bar.elapsed
+    bar.close()
+    return results, seconds
+
+
+def _write_manifest(job: _Sharding, probed: _Probed, plan: _Plan, results: dict[str, ShardResult],
+                    seconds: float) -> ShardSummary:
+    """``manifest.json`` last, the lease checked first; then the progress records go. Rejects found
+    while writing count against --max-reject-fraction too, once the manifest records them."""
+    storage = job.storage
     splits = {}
-    for plan in plans:
-        shards = [results[name].to_json() for name in plan.names()]
+    for split_plan in plan.plans:
+        shards = [results[name].to_json() for name in split_plan.names()]
         late_rejects = [r for s in shards for r in s["rejects"]]
-        splits[plan.split] = {"shards": shards, "rejected": rejected[plan.split] + late_rejects}
-    manifest = build_manifest(fingerprint, config.output_options(), dataset.class_table(), splits)
-    lease.check()
+        splits[split_plan.split] = {"shards": shards, "rejected": probed.rejected[split_plan.split] + late_rejects}
+    manifest = build_manifest(job.fingerprint, job.config.output_options(), job.dataset.class_table(), splits)
+    job.lease.check()
     storage.write_bytes(MANIFEST_NAME, dumps(manifest))
     for o in storage.list(PROGRESS_DIR + "/"):
         storage.delete(o.name)
-    summary = ShardSummary(storage.url, manifest, len(todo), len(done), seconds)
+    summary = ShardSummary(storage.url, manifest, len(plan.todo), len(plan.done), seconds)
     late = sum(len(s["rejects"]) for p in splits.values() for s in p["shards"])
     if late:
-        _check_reject_fraction({s: p["rejected"] for s, p in splits.items()}, n_inputs, config.max_reject_fraction)
+        _check_reject_fraction({s: p["rejected"] for s, p in splits.items()}, probed.n_inputs,
+                               job.config.max_reject_fraction)
     return summary
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 
 from alexray_core.storage import open_storage
 from alexray_core.storage.api import Storage
+from alexray_core.storage.hashing import Sha256Reader
 
 from .executor import Progress
 from .images import ImageOptions, RejectedImage, decode_image, open_image
@@ -29,27 +29,6 @@ class VerifyReport:
         return not self.problems
 
 
-class _HashingReader(io.RawIOBase):
-    def __init__(self, chunks):
-        self.chunks, self.buffer, self.digest, self.count = iter(chunks), b"", hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, out) -> int:
-        while not self.buffer:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return 0
-            self.digest.update(chunk)
-            self.count += len(chunk)
-            self.buffer = chunk
-        n = min(len(out), len(self.buffer))
-        out[:n] = self.buffer[:n]
-        self.buffer = self.buffer[n:]
-        return n
-
-
 def verify_shard(storage: Storage, entry: dict, num_classes: int, decode: bool) -> tuple[int, list[str], list[str]]:
     """Check one shard against its manifest entry; returns (samples, keys, problems)."""
     name, problems = entry["name"], []
@@ -58,7 +37,7 @@ def verify_shard(storage: Storage, entry: dict, num_classes: int, decode: bool) 
         return 0, [], [f"{name}: missing"]
     if info.size != entry["bytes"]:
         problems.append(f"{name}: size {info.size} != manifest {entry['bytes']}")
-    reader = _HashingReader(storage.iter_chunks(name))
+    reader = Sha256Reader(storage.iter_chunks(name))
     members: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
@@ -68,9 +47,7 @@ def verify_shard(storage: Storage, entry: dict, num_classes: int, decode: bool) 
                 members.setdefault(key, {})[ext] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{name}: not a readable tar ({e})")
-    while reader.readinto(bytearray(1 << 20)):
-        pass  # hash whatever the tar reader left unread (end-of-archive padding)
-    if reader.digest.hexdigest() != entry["sha256"]:
+    if reader.finish() != entry["sha256"]:  # finish: hash what the tar reader left unread (padding)
         problems.append(f"{name}: sha256 differs from the manifest")
     options = ImageOptions()
     for key, parts in members.items():

@@ -33,7 +33,7 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 
-# --- AlexNet as in the 2012 paper (workers/models.py `alexnet`, groups=True, 1000 classes) --------
+# --- AlexNet as in the 2012 paper (workers/models/architectures.py `alexnet`, groups=True, 1000 classes) --------
 # (name, output side, output channels, input channels per group, kernel side); FC layers have side 1.
 CONV = [
     ("conv1", 55, 96, 3, 11),

@@ -54,7 +54,7 @@ from alexray_core.spec import (
     spec_from_dict,
     torchvision_source,
 )
-from alexray_core.storage import StorageError, open_storage
+from alexray_core.storage import StorageError, absolute_location, open_storage
 from data_prep.errors import ShardError
 
 from .preflight import preflight
@@ -75,12 +75,6 @@ STORAGE_KEY = "alexray_storage"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 PYTHON_ENV = "ALEXRAY_CLUSTER_PYTHON"  # the interpreter that runs the entrypoint on the cluster
 # --- jobs ---------------------------------------------------------------------------------------
-
-def _absolute(path: str) -> str:
-    if path.startswith("s3://"):
-        return path
-    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-
 
 def _job_dict(info) -> dict:
     metadata = dict(info.metadata or {})
@@ -138,10 +132,10 @@ def submit(spec_path, overrides: list[str] | tuple = (), address: str | None = N
         raise JobError(str(e)) from None
     address = resolve_address(address)
     check_secure(address, insecure)
-    spec.data.path = _absolute(spec.data.path)
-    spec.run.storage = _absolute(spec.run.storage)
+    spec.data.path = absolute_location(spec.data.path)
+    spec.run.storage = absolute_location(spec.run.storage)
     if spec.finetune.from_checkpoint and torchvision_source(spec.finetune.from_checkpoint) is None:
-        spec.finetune.from_checkpoint = _absolute(spec.finetune.from_checkpoint)
+        spec.finetune.from_checkpoint = absolute_location(spec.finetune.from_checkpoint)
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)
     job_client = client(address, insecure)
@@ -197,7 +191,7 @@ def resume(address, run_name: str, overrides: list[str] | tuple = (), *, storage
     if not storage:
         raise JobError(f"no job of run {run_name!r} on the cluster at {address} says where the run lives; "
                        "pass --storage (the spec's run.storage)")
-    storage = _absolute(storage)
+    storage = absolute_location(storage)
     run_dir = runs.run_dir(storage, run_name)
     try:
         store = open_storage(run_dir)

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from alexray_core import runs
-from alexray_core.runs import COMPLETE, MODEL_FILES, checkpoint_candidates
+from alexray_core.runs import COMPLETE, MODEL_FILES, STATE, checkpoint_candidates
 from alexray_core.spec import (
     JobSpec,
     SpecError,
@@ -123,7 +123,7 @@ def check_cluster(spec: JobSpec, client) -> dict:
 
 def _complete_problem(storage, prefix: str, where: str) -> str | None:
     """Why the checkpoint at ``prefix`` is not complete, or None. Sizes are checked for the weights
-    (the workers check their CRC-32 before loading), size and CRC-32 for the small state.json."""
+    (the workers check their CRC-32 before loading), size and CRC-32 for the small training state."""
     if not storage.exists(f"{prefix}{COMPLETE}"):
         return f"{where} is not a complete checkpoint (no {COMPLETE}): it was being written when its run stopped"
     try:
@@ -135,7 +135,7 @@ def _complete_problem(storage, prefix: str, where: str) -> str | None:
     for name, (size, crc) in listed.items():
         info = storage.info(f"{prefix}{name}")
         if info is None or info.size != size or (
-                name == "state.json" and f"{zlib.crc32(storage.read_bytes(prefix + name)):08x}" != crc):
+                name == STATE and f"{zlib.crc32(storage.read_bytes(prefix + name)):08x}" != crc):
             return f"{where}/{name} is missing, truncated or damaged (it differs from {COMPLETE})"
     return None
 
@@ -158,7 +158,7 @@ def check_finetune_source(spec: JobSpec) -> str | None:
     """``finetune.from_checkpoint`` is a complete checkpoint of the model the spec builds, or a run
     directory holding one, readable from here as the run storage is; returns its address.
 
-    Nothing of it is downloaded but ``complete.json`` and ``state.json``. ``torchvision:NAME`` was
+    Nothing of it is downloaded but its completeness record and training state. ``torchvision:NAME`` was
     matched to ``model.name`` when the spec was validated; its file is looked up in each node's torch
     hub cache by the workers, as only torchvision knows its name. A ``.pth`` file must be readable here.
     """
@@ -191,13 +191,13 @@ def check_finetune_source(spec: JobSpec) -> str | None:
             raise JobError(f"{field}: no complete checkpoint in {base} ({problems[-1]}); "
                            "use an earlier checkpoint of that run")
         try:
-            model = json.loads(storage.read_bytes(f"{prefix}state.json")).get("model") or {}
+            model = json.loads(storage.read_bytes(f"{prefix}{STATE}")).get("model") or {}
         except (ValueError, AttributeError):
             model = {}
     except (ShardError, StorageError) as e:
         raise JobError(f"{field}: {e}") from None
     if not {"name", "width"} <= set(model):
-        raise JobError(f"{field}: {where}/state.json does not describe its model: it was not written by "
+        raise JobError(f"{field}: {where}/{STATE} does not describe its model: it was not written by "
                        "'alexray train'; pass a training checkpoint")
     if model["name"] != spec.model.name or float(model["width"]) != spec.model.width:
         raise JobError(f"{field}: {where} holds {model['name']} (width {model['width']}) but the spec builds "

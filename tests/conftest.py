@@ -24,40 +24,18 @@ _AWS_VARS_TO_CLEAR = (
 
 
 # `make test-fast` runs what is not marked `heavy`: tests that start no SeaweedFS, Ray, Prometheus
-# or chromium and take seconds. A test is heavy when it uses a fixture that starts one of them
-# (directly or through another fixture), is listed below (it starts one itself, or trains for tens
-# of seconds), or is marked `slow`.
-_HEAVY_FIXTURES = {
+# or chromium and take seconds. A test is heavy when it says so (`@pytest.mark.heavy("reason")`, or a
+# module's `pytestmark`), or when it uses a fixture below, which starts one of them (directly or
+# through another fixture). tests/test_suite_rules.py checks that a test starting a service is heavy.
+HEAVY_FIXTURES = {
     "s3_server": "SeaweedFS", "s3_env": "SeaweedFS", "s3_bucket": "SeaweedFS",
     "ray_cluster": "a Ray cluster",
     "jobs_cluster": "a Ray cluster (test_jobs)",
     "nodes": "a three-node Ray cluster (test_multinode)",
     "monitored": "a two-node Ray cluster and Prometheus (test_metrics_ray)",
 }
-# Node ids (a module, a test, or one parametrization of it) of tests that start a service themselves.
-_HEAVY_TESTS = {
-    "tests/test_demo.py": "the demo: a Ray cluster and Prometheus",
-    "tests/test_multinode.py": "a three-node Ray cluster",
-    "tests/test_metrics_ray.py": "a two-node Ray cluster, Prometheus and chromium",
-    "tests/test_shard_ray.py": "a Ray cluster",
-    "tests/test_training_ray.py": "a Ray cluster ('alexray train' starts its own)",
-    "tests/test_support.py::test_server_lifecycle_leaves_no_process_behind": "SeaweedFS",
-    "tests/test_support.py::test_restart_is_stop_then_start_on_the_same_ports": "SeaweedFS",
-    "tests/test_faults_shard.py::test_a_second_run_into_the_same_dest_is_refused[s3]": "SeaweedFS",
-    "tests/test_faults_shard.py::test_the_lease_is_taken_once_and_taken_over_only_when_stale[s3]": "SeaweedFS",
-    "tests/test_faults_security.py::test_a_targets_directory_of_another_user_is_refused": "Prometheus",
-    "tests/test_metrics.py::test_promtool_accepts_the_config_and_the_rules": "Prometheus's promtool",
-    "tests/test_metrics.py::test_watch_names_the_missing_run_and_the_fix": "Prometheus",
-    "tests/test_packaging.py": "Prometheus's promtool, on the files of a wheel it builds and installs",
-    # No service, but minutes on two cores together: runs of `alexray train` / `python -m workers train`.
-    "tests/test_model_tools.py": "trains the models it evaluates, exports and fine-tunes (about 2 min)",
-    "tests/test_training.py::test_resuming_by_run_name_continues_mid_epoch_bitwise": "three training runs",
-    "tests/test_training.py::test_gpu_benchmark_script_runs_on_cpu": "bench/gpu.py's quick run",
-    "tests/test_faults_checkpoint.py::test_killed_run_leaves_no_checkpoint_scratch_behind": "three training runs",
-    "tests/test_faults_data.py::test_out_of_range_class_is_skipped_and_the_skipped_ceiling_fails_the_run":
-        "two training runs",
-    "tests/test_faults_data.py::test_ddp_ranks_agree_to_skip_a_step_that_is_empty_everywhere": "two DDP processes",
-}
+# Every collected test, before `-m` deselects any: what tests/test_suite_rules.py checks.
+COLLECTED = pytest.StashKey[list]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,29 +44,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # would see nothing. A handler here is reset to the default in those processes instead.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
     config.addinivalue_line("markers", "heavy(reason): starts SeaweedFS, Ray, Prometheus or chromium, or "
                                        "trains for tens of seconds; left out by 'make test-fast'")
 
 
-def _heavy_reason(item: pytest.Item) -> str | None:
-    node = item.nodeid
-    for key in (node, node.split("[", 1)[0], node.split("::", 1)[0]):
-        if key in _HEAVY_TESTS:
-            return _HEAVY_TESTS[key]
-    used = [name for name in getattr(item, "fixturenames", ()) if name in _HEAVY_FIXTURES]
-    if used:
-        return _HEAVY_FIXTURES[used[0]]
-    if item.get_closest_marker("slow") is not None:
-        return "marked slow"
-    return None
+def heavy_fixture_reason(item: pytest.Item) -> str | None:
+    """Why ``item`` is heavy by the fixtures it uses, or None."""
+    used = [name for name in getattr(item, "fixturenames", ()) if name in HEAVY_FIXTURES]
+    return HEAVY_FIXTURES[used[0]] if used else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``heavy`` every test that starts a service or trains for long (``_HEAVY_FIXTURES``, ``_HEAVY_TESTS``)."""
+    """Mark ``heavy`` every test that uses a fixture starting a service (``HEAVY_FIXTURES``)."""
+    config.stash[COLLECTED] = list(items)
     for item in items:
-        reason = _heavy_reason(item)
-        if reason is not None:
+        reason = heavy_fixture_reason(item)
+        if reason is not None and item.get_closest_marker("heavy") is None:
             item.add_marker(pytest.mark.heavy(reason))
 
 
@@ -189,6 +161,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     tail = server.log_tail(80)
     if tail:
         report.sections.append((f"SeaweedFS log, last 80 lines ({server.log_path})", tail))
+
+
+def seconds_per_file(reports) -> dict[str, tuple[float, int]]:
+    """``{test file: (seconds of setup, call and teardown, tests)}`` from a run's test reports."""
+    seconds: dict[str, float] = {}
+    tests: dict[str, set[str]] = {}
+    for report in reports:
+        duration = getattr(report, "duration", None)
+        when = getattr(report, "when", None)
+        if duration is None or when not in ("setup", "call", "teardown"):
+            continue  # a collection report, or another plugin's record
+        path = report.nodeid.split("::", 1)[0]
+        seconds[path] = seconds.get(path, 0.0) + duration
+        tests.setdefault(path, set()).add(report.nodeid)
+    return {path: (seconds[path], len(tests[path])) for path in seconds}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The time each test file took, slowest first, and their total: what a new test costs shows here."""
+    reports = [report for category in terminalreporter.stats.values() for report in category]
+    per_file = seconds_per_file(reports)
+    if not per_file:
+        return
+    terminalreporter.write_sep("=", "time per test file (setup + call + teardown)")
+    for path, (seconds, count) in sorted(per_file.items(), key=lambda entry: (-entry[1][0], entry[0])):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path} ({count} test{'s' if count != 1 else ''})")
+    total = sum(seconds for seconds, _ in per_file.values())
+    terminalreporter.write_line(f"{total:8.1f} s  total, {len(per_file)} files")
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.clocks import FakeClock
+
 ROOT = Path(__file__).resolve().parent.parent
 AWS_DIR = ROOT / "cluster" / "aws"
 KUBERAY_DIR = ROOT / "cluster" / "kuberay"
@@ -651,17 +653,6 @@ def test_dockerfile_installs_the_pinned_ray_and_the_checkout():
 @pytest.fixture(scope="module")
 def drain():
     return _load_module(KUBERAY_DIR / "drain.py", "alexray_kuberay_drain")
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
 
 
 def test_drain_then_wait_for_the_workers_then_stop(drain):

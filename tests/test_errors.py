@@ -8,7 +8,7 @@ import pytest
 from alexray_core.discovery import TargetsDirError
 from alexray_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, AlexrayError
 from alexray_core.localcluster import ClusterStartError
-from alexray_core.spec import SpecError, load_spec
+from alexray_core.spec import SpecError
 from alexray_core.storage import StorageError
 from data_prep.errors import ShardError
 from orchestrator.monitor import MonitorError
@@ -36,44 +36,6 @@ def test_an_instance_may_carry_its_own_exit_code():
     assert JobError("job failed", exit_code=EXIT_FAILED).exit_code == EXIT_FAILED
     assert ShardError("too many rejects", EXIT_FAILED).exit_code == EXIT_FAILED
     assert JobError("bad address").exit_code == EXIT_USAGE
-
-
-@pytest.mark.parametrize("override, field, allowed", [
-    ("train.schedule=linear", "train.schedule", "step, plateau, cosine"),
-    ("train.precision=fp16", "train.precision", "auto, bf16, fp32"),
-    ("train.channels_last=sometimes", "train.channels_last", "auto, on, off"),
-    ("train.grad_compression=fp8", "train.grad_compression", "none, bf16"),
-    ("train.lr_scaling=sqrt", "train.lr_scaling", "none, linear"),
-    ("model.init=xavier", "model.init", "paper, kaiming"),
-])
-def test_a_choice_field_refuses_a_value_naming_the_field_and_its_choices(override, field, allowed):
-    with pytest.raises(SpecError) as error:
-        load_spec({"data": {"path": "/data"}}, [override])
-    value = override.partition("=")[2]
-    assert str(error.value) == f"{field}: {value!r} is not one of {allowed}"
-
-
-def test_a_choice_field_takes_each_of_its_values_from_yaml():
-    spec = load_spec({"data": {"path": "/data"}, "train": {"schedule": "cosine", "channels_last": "off"},
-                      "model": {"init": "kaiming"}})
-    assert (spec.train.schedule, spec.train.channels_last, spec.model.init) == ("cosine", "off", "kaiming")
-
-
-def test_an_unquoted_yaml_off_is_refused_with_the_reason():
-    with pytest.raises(SpecError, match=r"^train.channels_last: False is not one of auto, on, off \(YAML reads "
-                                         r"unquoted on/off/yes/no as true/false: quote it\)$"):
-        load_spec({"data": {"path": "/data"}}, ["train.channels_last=off"])
-
-
-@pytest.mark.parametrize("override, message", [
-    ("train.epocs=3", "train.epocs: unknown key; did you mean 'epochs'? known keys here: base_batch_size,"),
-    ("trian.epochs=3", "trian: unknown key; did you mean 'train'? known keys here: checkpoint,"),
-    ("train.zzz=3", "train.zzz: unknown key; known keys here: base_batch_size,"),
-])
-def test_an_unknown_key_suggests_the_closest_known_one(override, message):
-    with pytest.raises(SpecError) as error:
-        load_spec({"data": {"path": "/data"}}, [override])
-    assert str(error.value).startswith(message), str(error.value)
 
 
 def _one_error_line(capsys, prog: str) -> str:

@@ -1,5 +1,5 @@
-"""Checkpoint faults: damaged newest checkpoints, durability, scratch left by killed workers, run
-identity on resume, checkpoints of runs without Ray on S3, out-of-range seeds."""
+"""Checkpoint faults: damaged newest checkpoints, durability, scratch left by killed workers, and
+checkpoints of runs without Ray on S3."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.shardtools import ROOT, error_line, start_alexray
-from tests.support.waiting import wait_until
+from tests.support.durability import record_fsync_and_replace, renamed_to
+from tests.support.waiting import stderr_tail, wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
 from workers.models import checkpoint_format as ckpt
 
@@ -121,29 +122,16 @@ def test_resume_falls_back_past_damaged_checkpoints_and_says_why(tmp_path):
 
 
 def test_checkpoint_files_are_fsynced_before_the_completeness_record(tmp_path, monkeypatch):
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(src, dst, **kwargs):
-        events.append(("replace", os.path.realpath(dst)))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsync_and_replace(monkeypatch)
     directory = tmp_path / "c"
     _write_checkpoint(directory, 6)
     for record in (ckpt.COMPLETE, "complete-rank1.json"):
-        marker = os.path.realpath(directory / record)
-        written = events.index(("replace", marker))
+        written = renamed_to(events, directory / record)
         files = read_json(directory / record)["files"]
         for name in files:
             assert ("fsync", os.path.realpath(directory / name)) in events[:written], (record, name, events)
         # the record's own bytes reach the disk before it is renamed into place
-        assert any(kind == "fsync" and record in os.path.basename(path) for kind, path in events[:written]), record
+        assert any(e[0] == "fsync" and record in os.path.basename(e[1]) for e in events[:written]), record
     assert ("fsync", os.path.realpath(directory)) in events  # and the directory entries
 
     # a run without Ray publishing to local storage: the copies are durable before the record
@@ -156,7 +144,8 @@ def test_checkpoint_files_are_fsynced_before_the_completeness_record(tmp_path, m
     store.publish_checkpoint(scratch, "checkpoints/" + _name(0, 6), keep=2)
     target = tmp_path / "run" / "checkpoints" / _name(0, 6)
     ckpt.check_complete(target)
-    published = [i for i, e in enumerate(events) if e == ("replace", os.path.realpath(target / ckpt.COMPLETE))]
+    complete = os.path.realpath(target / ckpt.COMPLETE)
+    published = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == complete]
     assert published, events
     for name in ("model.pt", "optimizer.pt", "state.json", "rng-rank0.pt"):
         assert ("fsync", os.path.realpath(target / name)) in events[:published[-1]], name
@@ -165,7 +154,7 @@ def test_checkpoint_files_are_fsynced_before_the_completeness_record(tmp_path, m
 
 # ---- under Ray: a damaged newest checkpoint no longer fails every restart -----------------------
 
-@pytest.mark.slow
+@pytest.mark.heavy("a Ray cluster")
 def test_ray_run_resumes_past_damaged_newest_checkpoints(digits, tmp_path, ray_cluster):
     """The newest checkpoint's rng-rank1.pt and the one before's model.pt are cut in half; training
     the same run further resumes from the one before them, says which were skipped and why, and
@@ -215,6 +204,7 @@ def _scratch_files(tmp: Path) -> list[Path]:
     return sorted(tmp.rglob("model.pt"))
 
 
+@pytest.mark.heavy("three training runs")
 def test_killed_run_leaves_no_checkpoint_scratch_behind(digits, tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -225,8 +215,7 @@ def test_killed_run_leaves_no_checkpoint_scratch_behind(digits, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "workers", "train", str(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:  # killed while a checkpoint is half written, as a worker can be
-        wait_until(lambda: _scratch_files(tmp), 240, "a checkpoint being written", proc,
-                   lambda p: p.communicate()[1][-4000:], poll=0.05)
+        wait_until(lambda: _scratch_files(tmp), 240, "a checkpoint being written", proc, stderr_tail, poll=0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -301,47 +290,3 @@ def test_no_ray_run_keeps_checkpoints_on_s3_and_resumes_from_them(digits, tmp_pa
     summary = json.loads(client.get_object(Bucket=s3_bucket, Key="runs/nr/summary.json")["Body"].read())
     assert summary["steps"] == 24 and summary["restarts"] == 1
     assert list(work.iterdir()) == []
-
-
-# ---- what a resume may not change; seeds ----------------------------------------------------------
-
-@pytest.mark.parametrize("override, field", [
-    ("data.shuffle_block=32", "data.shuffle_block"),
-    ("data.image_size=96", "data.image_size"),
-    ("model.groups=false", "model.groups"),
-    ("model.num_classes=12", "model.num_classes"),
-    ("model.init=paper", "model.init"),
-    ("data.streams=4", "data.streams"),
-])
-def test_resume_refuses_changes_to_data_order_or_weight_shapes(override, field):
-    from alexray_core.spec import SpecError, check_same_job, load_spec
-
-    base = {"data": {"path": "/data/shards", "shuffle_block": 64, "image_size": 64, "eval_resize": 128},
-            "model": {"init": "kaiming"}, "run": {"name": "r"}}
-    existing = load_spec(base).to_dict()
-    check_same_job(existing, load_spec(base, ["train.epochs=5", "data.num_workers=4"]))  # may change
-    with pytest.raises(SpecError, match=rf"^run.name: .*\({field} "):
-        check_same_job(existing, load_spec(base, [override]))
-
-
-def test_init_and_groups_only_count_for_the_model_they_apply_to():
-    from alexray_core.spec import check_same_job, load_spec
-
-    base = {"data": {"path": "/data/shards"}, "model": {"name": "resnet18"}}
-    check_same_job(load_spec(base).to_dict(), load_spec(base, ["model.init=kaiming", "model.groups=false"]))
-
-
-@pytest.mark.parametrize("seed", [-1, -(2 ** 40), 2 ** 32, 2 ** 70])
-def test_out_of_range_seeds_are_refused_at_spec_load(seed):
-    from alexray_core.spec import SpecError, load_spec
-
-    with pytest.raises(SpecError, match=r"^train.seed: .*between 0 and 4294967295") as error:
-        load_spec({"data": {"path": "/data/shards"}}, [f"train.seed={seed}"])
-    assert "\n" not in str(error.value)
-
-
-def test_edge_seeds_are_accepted():
-    from alexray_core.spec import load_spec
-
-    for seed in (0, 2 ** 32 - 1):
-        assert load_spec({"data": {"path": "/data/shards"}}, [f"train.seed={seed}"]).train.seed == seed

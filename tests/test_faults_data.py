@@ -29,6 +29,7 @@ from alexray_core.spec import load_spec
 from alexray_core.storage import StorageError
 from alexray_core.storage import s3reader as s3io
 from tests.shardtools import error_line, run_alexray, start_alexray
+from tests.support.runs import progress_step
 from tests.support.waiting import wait_until
 from tests.trainingtools import read_json, sharded_digits, write_spec
 from workers.data.loader import (
@@ -125,13 +126,6 @@ def _read_epoch(split: SplitInfo, world: int = 1, rank: int = 0):
     return plan, list(train_batches(split, plan, world, rank, 0, 0, 32, SHUFFLE_BLOCK, 1))
 
 
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return read_json(run_dir / "progress.json")["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
-
-
 # ---- unreadable shards fail the run -----------------------------------------------------------------
 
 def test_s3_train_shards_deleted_mid_run_fail_the_run_naming_the_shard(tmp_path, s3_server, s3_bucket, s3_env):
@@ -147,7 +141,7 @@ def test_s3_train_shards_deleted_mid_run_fail_the_run_naming_the_shard(tmp_path,
                       checkpoint={"every_steps": 0}, debug={"step_delay": 1.0})
     proc = start_alexray("train", spec, "--no-ray", env=s3_env)
     try:
-        wait_until(lambda: _progress_step(runs / "vanish") >= 2, 180, "step 2", proc=proc,
+        wait_until(lambda: progress_step(runs / "vanish") >= 2, 180, "step 2", proc=proc,
                    output=lambda p: p.stderr.read()[-4000:], poll=0.1)
         for path in digits.glob("train-*.tar"):
             client.delete_object(Bucket=s3_bucket, Key=f"ds/{path.name}")
@@ -160,7 +154,7 @@ def test_s3_train_shards_deleted_mid_run_fail_the_run_naming_the_shard(tmp_path,
     line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     assert re.search(rf"s3://{s3_bucket}/ds/train-0000\d\d\.tar no longer exists \(NoSuchKey\)", line), line
     assert "run again" in line
-    assert 2 <= _progress_step(runs / "vanish") < 6 and not (runs / "vanish" / "summary.json").exists()
+    assert 2 <= progress_step(runs / "vanish") < 6 and not (runs / "vanish" / "summary.json").exists()
 
 
 def test_refused_credentials_and_missing_s3_objects_or_buckets_fail_naming_the_shard(
@@ -205,7 +199,7 @@ def test_missing_local_shard_fails_naming_it(digits, tmp_path):
         _read_epoch(_train_split(data))
     (data / "val-000000.tar").unlink()
     val = split_info(str(data), load_manifest(str(data)), "val")
-    with pytest.raises(StorageError) as raised:  # from a DataLoader worker process, still one line
+    with pytest.raises(StorageError) as raised:  # from a decoding thread, still one line
         list(eval_batches(val, 1, 0, 32, 36, 16, num_workers=1))
     assert re.fullmatch(r"\S+/val-000000\.tar no longer exists: .*run again \(.*\)", str(raised.value))
 
@@ -278,6 +272,7 @@ def test_every_kind_of_corrupt_content_is_skipped_and_counted(digits, tmp_path):
     assert counts["skipped"] == len(kinds) and counts["confusion"].sum() == val.samples - len(kinds)
 
 
+@pytest.mark.heavy("two training runs")
 def test_out_of_range_class_is_skipped_and_the_skipped_ceiling_fails_the_run(digits, tmp_path):
     data = _copy(digits, tmp_path / "data")
     step1 = _steps(_train_split(data))[1]
@@ -294,7 +289,7 @@ def test_out_of_range_class_is_skipped_and_the_skipped_ceiling_fails_the_run(dig
     assert failed.returncode == 1, failed.stderr[-3000:]
     line = error_line(failed)
     assert "data.max_skipped_fraction" in line and "1 of the 192 samples" in line and "step 1 of epoch 0" in line
-    assert _progress_step(tmp_path / "runs" / "strict") == 1  # stopped at the step that went over, not at the end
+    assert progress_step(tmp_path / "runs" / "strict") == 1  # stopped at the step that went over, not at the end
     assert not (tmp_path / "runs" / "strict" / "summary.json").exists()
 
 
@@ -413,6 +408,7 @@ def _train_ranks(rank: int, world: int, port: int, runs: list[tuple[dict, str]],
         dist.destroy_process_group()
 
 
+@pytest.mark.heavy("two DDP processes")
 def test_ddp_ranks_agree_to_skip_a_step_that_is_empty_everywhere(digits, tmp_path):
     data = _copy(digits, tmp_path / "data")
     split = _train_split(data)
@@ -486,7 +482,7 @@ def test_verify_shards_fails_on_a_changed_shard_before_using_any_of_its_samples(
         run_local(spec, prepare_run(spec))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy("a Ray cluster")
 def test_under_ray_an_unreadable_shard_fails_the_run_without_restarts(digits, tmp_path, ray_cluster):
     """Ray restarts a worker group after any worker error, up to failure.max_failures; a restart
     cannot make a changed shard match its checksum, so the run fails at its first start."""

@@ -19,7 +19,8 @@ from alexray_core.storage import open_storage
 from data_prep.errors import ShardError
 from tests.shardtools import error_line, run_alexray, start_alexray
 from tests.support import datasets as ds
-from tests.support.waiting import wait_until
+from tests.support.durability import record_fsync_and_replace, renamed_to
+from tests.support.waiting import stderr_tail, wait_until
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def _writer_end(fifo: Path) -> int | None:
         return None  # ENXIO: nobody reads it yet
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.heavy("SeaweedFS"))])
 def test_a_second_run_into_the_same_dest_is_refused(where, tmp_path, request):
     src = Path(ds.make_imagenet_layout(tmp_path / "src", classes=2, train_per_class=10, val_per_class=0, seed=4).root)
     # An input that is a named pipe holds the first run in its probe, DEST taken, until the pipe closes.
@@ -112,7 +113,7 @@ def test_a_second_run_into_the_same_dest_is_refused(where, tmp_path, request):
     args = ["--shard-size", "4", "--workers", "1", "--max-reject-fraction", "0.1"]
     first = start_alexray("shard", src, dest, *args, env=env)
     writer = wait_until(lambda: _writer_end(fifo), 120, "the first run to read its inputs", first,
-                        output=lambda p: p.communicate()[1][-3000:])
+                        output=stderr_tail)
     try:
         written = {o.name: o.size for o in storage.list()}
         second = run_alexray("shard", src, dest, *args, env=env, timeout=60)
@@ -128,7 +129,7 @@ def test_a_second_run_into_the_same_dest_is_refused(where, tmp_path, request):
     assert not storage.exists("_lease.json")
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.heavy("SeaweedFS"))])
 def test_the_lease_is_taken_once_and_taken_over_only_when_stale(where, tmp_path, request):
     from data_prep.lease import LEASE_NAME, STALE_SECONDS, Holder, Lease
 
@@ -216,32 +217,16 @@ def test_local_shards_are_readable_by_other_users(src, tmp_path):
 def test_local_shards_reach_the_disk_before_their_name_and_record_appear(src, tmp_path, monkeypatch):
     from data_prep.pipeline import ShardConfig, shard_dataset
 
-    events: list[tuple[str, ...]] = []  # appended from the publishing threads, in the order things happen
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(source, target, **kwargs):
-        events.append(("replace", os.path.realpath(source), os.path.realpath(target)))
-        return real_replace(source, target, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsync_and_replace(monkeypatch)  # appended from the publishing threads
     dest = tmp_path / "shards"
     shard_dataset(src, str(dest), ShardConfig(shard_size=8, workers=1, progress=False))
     shards = sorted(p.name for p in dest.glob("*.tar"))
     assert len(shards) == 6
-
-    def renamed_to(path):
-        return next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(path))
-
     for name in shards:
-        named = renamed_to(dest / name)
+        named = renamed_to(events, dest / name)
         staged = events[named][1]  # the partial file renamed to this name
         assert ("fsync", staged) in events[:named], (name, events)
-        assert renamed_to(dest / "_progress" / f"{name}.json") > named, name  # a record means a shard in place
+        assert renamed_to(events, dest / "_progress" / f"{name}.json") > named, name  # a record means a shard in place
 
 
 def test_a_local_dest_with_ray_needs_a_shared_file_system(src, tmp_path):

@@ -1,5 +1,5 @@
-"""Model FLOPs per sample against a count made by hand from the layer shapes, the peak table, MFU,
-and ``train.peak_tflops`` in the spec."""
+"""Model FLOPs per sample against a count made by hand from the layer shapes, the peak table, a peak
+given by hand, and MFU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from alexray_core.spec import SpecError, load_spec
 from workers.models import flops
 from workers.models.architectures import build_model
 
@@ -135,11 +134,3 @@ def test_the_override_wins_and_the_cpu_has_no_peak():
     assert flops.device_peak_flops("cpu", True, 2.5) == 2.5e12
     assert flops.mfu(1000.0, 4e9, 16e12) == pytest.approx(0.25)
     assert flops.mfu(1000.0, 4e9, None) is None and flops.mfu(None, 4e9, 1e12) is None
-
-
-def test_peak_tflops_in_the_spec():
-    assert load_spec({"data": {"path": "/d"}}).train.peak_tflops == 0.0
-    assert load_spec({"data": {"path": "/d"}}, ["train.peak_tflops=989"]).train.peak_tflops == 989.0
-    for bad in ("-1", ".nan"):
-        with pytest.raises(SpecError, match=r"^train\.peak_tflops: must not be negative"):
-            load_spec({"data": {"path": "/d"}}, [f"train.peak_tflops={bad}"])

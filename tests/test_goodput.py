@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -11,7 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from alexray_core import goodput as g
 from alexray_core.goodput import Failure, LedgerRecord, account
 from alexray_core.storage import LocalStorage
-from tests.trainingtools import read_json, sharded_digits, write_spec
+from tests.support.clocks import FakeClock
+from tests.trainingtools import sharded_digits, write_spec
 from workers.training.ledger import Ledger, LedgerCollector
 
 
@@ -69,14 +71,6 @@ def test_a_slot_the_group_ran_without_waits_until_it_is_back():
     assert seconds["waiting_for_resources"] == pytest.approx(60 - 35)  # slot 1 while the group ran without it
     assert seconds["lost_work"] == pytest.approx((30 - 23) + (30 - 21))
     assert seconds["recovery"] == pytest.approx((35 - 30) + 2 + (35 - 30) + (60 - 57) + 1 + 1)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_the_ledger_charges_waits_steps_and_redone_steps():
@@ -139,40 +133,119 @@ def digits(tmp_path_factory):
     return sharded_digits(tmp_path_factory.mktemp("digits-goodput"))
 
 
-def _stall(tmp_path, digits, name: str, **sections) -> tuple[float, dict]:
-    """Train in this process (no start-up of a new interpreter) and return the checkpoint stall."""
-    from workers.training.cli import main as train_main
+class CheckpointTimeline:
+    """The debug delays of a run on a fake clock, counted in the loop's steps rather than in this
+    machine's seconds (``workers.training.debug_hooks`` sleeps through ``time.sleep``).
 
-    spec = write_spec(tmp_path / f"{name}.yaml", str(digits), str(tmp_path / "runs"), run={"name": name},
-                      scaling={"num_workers": 1}, **sections)
-    assert train_main([str(spec), "--no-ray", "--submitted-at", str(time.time())]) == 0
-    summary = read_json(tmp_path / "runs" / name / "summary.json")
-    return summary["goodput"]["seconds"]["checkpoint_stall"], summary
+    ``step_delay``, on the loop's thread in each step, moves the clock by its seconds: the steps' time.
+    ``checkpoint_delay``, on the writer's thread at the end of each write, is the rest of the write: a
+    write started at step s ends ``behind`` steps later while the loop goes on (the steps' time covers
+    it: the loop's step s + ``behind`` goes on only once it has ended), or, if the loop waits for it
+    first, while it waits, moving the clock by the delay. ``behind=None``: no write ends before the
+    loop waits for it. ``waits`` lists the delays the loop waited out.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, behind: int | None):
+        from types import SimpleNamespace
+
+        from workers.models.checkpoint_format import BackgroundWriter
+        from workers.training import debug_hooks
+
+        self.clock, self.behind, self.step, self.waits = FakeClock(), behind, 0, []
+        self.started: dict = {}  # writer thread -> the step its write started at
+        self.ended: set = set()  # writer threads past their delay
+        self.waited_for: set = set()  # writer threads the loop is waiting for
+        self._loop = threading.current_thread()  # the run trains on this thread
+        self._changed = threading.Condition()
+        start, publish_oldest = BackgroundWriter.start, BackgroundWriter._publish_oldest
+
+        def started(writer, *args, **kwargs):
+            step = self.step
+            start(writer, *args, **kwargs)
+            with self._changed:
+                self.started[writer._writes[-1].thread] = step
+                self._changed.notify_all()
+
+        def waited(writer):  # the loop joins the oldest write's thread
+            thread = writer._writes[0].thread
+            with self._changed:
+                self.waited_for.add(thread)
+                self._changed.notify_all()
+            try:
+                publish_oldest(writer)
+            finally:
+                with self._changed:
+                    self.waited_for.discard(thread)
+
+        monkeypatch.setattr(BackgroundWriter, "start", started)
+        monkeypatch.setattr(BackgroundWriter, "_publish_oldest", waited)
+        monkeypatch.setattr(debug_hooks, "time", SimpleNamespace(sleep=self.sleep))
+
+    def _due(self, thread) -> bool:
+        return self.behind is not None and thread in self.started and self.step >= self.started[thread] + self.behind
+
+    def sleep(self, seconds: float) -> None:
+        me = threading.current_thread()
+        with self._changed:
+            if me is self._loop:  # step_delay
+                self.clock.sleep(seconds)
+                self.step += 1
+                self._changed.notify_all()
+                ended = self._changed.wait_for(lambda: all(t in self.ended for t in self.started if self._due(t)), 60)
+                assert ended, f"a write due by step {self.step} did not end"
+                return
+            # checkpoint_delay, on the writer's thread
+            assert self._changed.wait_for(lambda: self._due(me) or me in self.waited_for, 60), "nothing ended a write"
+            if not self._due(me):
+                self.clock.sleep(seconds)
+                self.waits.append(seconds)
+            self.ended.add(me)
+            self._changed.notify_all()
+
+
+def _train(tmp_path, digits, name: str, behind: int | None, **sections) -> tuple[dict, dict, CheckpointTimeline]:
+    """Train in this process, the debug delays and the ledger on a ``CheckpointTimeline``: the ledger's
+    seconds, the run's summary and the timeline."""
+    from alexray_core.spec import load_spec
+    from workers.training.driver import prepare_run
+    from workers.training.loop import LocalSession, train_loop
+
+    spec = load_spec(write_spec(tmp_path / f"{name}.yaml", str(digits), str(tmp_path / "runs"), run={"name": name},
+                                scaling={"num_workers": 1}, **sections))
+    run_dir = prepare_run(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        timeline = CheckpointTimeline(patch, behind)
+        ledger = Ledger()
+        ledger._clock, ledger._since, ledger._started_clock = timeline.clock, 0.0, 0.0
+        summary = train_loop(spec, run_dir, LocalSession(run_dir, spec.checkpoint.keep), ledger=ledger)
+    seconds = ledger.totals()
+    assert sum(seconds.values()) == pytest.approx(timeline.clock()), seconds  # the categories add up
+    return seconds, summary, timeline
 
 
 def test_checkpoint_stall_counts_only_the_waits_of_the_loop(digits, tmp_path, monkeypatch):
-    """Writes that finish behind the steps cost no stall; a write queue the loop must wait on does."""
+    """Writes that end behind the steps cost no stall; a write the loop must wait for does."""
     monkeypatch.setenv("ALEXRAY_METRICS", "0")
-    delay = 1.0
-    # a checkpoint every 2 steps of >= 0.8 s: each delayed write is done before the next one starts;
-    # only the last (at max_steps, waited for at the end) holds the loop. Had the three before it
-    # been counted, the stall would be over 4 s.
-    behind, summary = _stall(tmp_path, digits, "behind", train={"max_steps": 8, "epochs": 1, "log_every": 4},
-                             checkpoint={"every_steps": 2, "keep": 2},
-                             debug={"checkpoint_delay": delay, "step_delay": 0.8})
-    assert summary["steps"] == 8
-    assert 0.8 * delay <= behind < 2 * delay, summary["goodput"]
-    # every step, with steps far shorter than a write. Writes go one at a time, so from the first
-    # save to the end the run lasts at least the 7 writes: what the loop did not spend on its own
-    # work in that time it spent waiting for them.
-    delay = 0.5
-    waited, summary = _stall(tmp_path, digits, "waited", train={"max_steps": 7, "epochs": 1, "log_every": 3},
-                             checkpoint={"every_steps": 1, "keep": 2}, debug={"checkpoint_delay": delay})
-    seconds = summary["goodput"]["seconds"]
-    own_work = seconds["productive"] + seconds["data_wait"] + seconds["evaluation"]
-    assert waited >= 7 * delay - own_work - 0.2 and waited >= 0.8 * delay, summary["goodput"]
-    assert sum(seconds.values()) == pytest.approx(summary["goodput"]["wall_seconds"], abs=0.01)
-    assert seconds["productive"] > 0 and seconds["startup"] > 0
+    step, delay = 1.0, 3.0
+    # a checkpoint every 2 steps, each written by the end of the next step: only the last (at
+    # max_steps, waited for at the end) holds the loop. Had the steps that the three before it were
+    # written behind been counted as stall, it would be 3 s more.
+    seconds, summary, timeline = _train(tmp_path, digits, "behind", 1,
+                                        train={"max_steps": 8, "epochs": 1, "log_every": 4},
+                                        checkpoint={"every_steps": 2, "keep": 2},
+                                        debug={"checkpoint_delay": delay, "step_delay": step})
+    assert summary["steps"] == 8 and len(timeline.started) == 4 and timeline.waits == [delay]
+    assert seconds == {**dict.fromkeys(g.CATEGORIES, 0.0), "productive": 8 * step, "checkpoint_stall": delay}
+    # every step, with writes that outlast any number of steps: writes go one at a time, two in
+    # flight at most, so the loop waits out each of the 7, and nothing else is charged to the stall.
+    step, delay = 0.1, 0.5
+    seconds, summary, timeline = _train(tmp_path, digits, "waited", None,
+                                        train={"max_steps": 7, "epochs": 1, "log_every": 3},
+                                        checkpoint={"every_steps": 1, "keep": 2},
+                                        debug={"checkpoint_delay": delay, "step_delay": step})
+    assert summary["steps"] == 7 and len(timeline.started) == 7 and timeline.waits == [delay] * 7
+    expected = {**dict.fromkeys(g.CATEGORIES, 0.0), "productive": 7 * step, "checkpoint_stall": 7 * delay}
+    assert seconds == pytest.approx(expected)
 
 
 def test_status_accounts_a_running_run_from_its_records(tmp_path):

@@ -272,9 +272,6 @@ def test_decode_choice(decoder_probe, monkeypatch):
     assert decode_on_device("gpu", cpu)  # a CPU-only worker runs the device path on the CPU
     with pytest.raises(ValueError, match="data.decode: 'nvjpeg' is not one of auto, cpu, gpu"):
         decode_on_device("nvjpeg", cpu)
-    with pytest.raises(SpecError, match="data.decode: 'nvjpeg' is not one of auto, cpu, gpu"):
-        load_spec({"data": {"path": "/data/shards"}}, ["data.decode=nvjpeg"])
-    assert load_spec({"data": {"path": "/data/shards"}}, []).data.decode == "auto"
     # a CUDA device whose decoder works (a stand-in: this machine may have no GPU)
     real = gpu_decode.decode_jpeg
     monkeypatch.setattr(gpu_decode, "decode_jpeg", lambda data, device, **kw: real(data, **kw))
@@ -417,7 +414,7 @@ def _steps_logged(run_dir: Path) -> dict[tuple[int, int], list[str]]:
     return steps
 
 
-@pytest.mark.slow  # five short training runs: about 30 s
+@pytest.mark.heavy("five short training runs (about 30 s)")
 def test_training_decodes_on_either_path_with_the_same_samples_and_a_resume_may_switch(digits, tmp_path,
                                                                                        monkeypatch):
     """data.decode=gpu (the device path, here on the CPU) trains on the samples, labels and steps of
@@ -454,7 +451,7 @@ def test_training_decodes_on_either_path_with_the_same_samples_and_a_resume_may_
     assert set(log) == {0, 1} and all(len(log[e]) == 3 * 32 and max(log[e].values()) == 1 for e in log)
 
 
-@pytest.mark.slow  # a short training run: about 8 s
+@pytest.mark.heavy("a short training run per decode path (about 8 s each)")
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_steps_read_nothing_back_from_the_device_between_progress_lines(digits, tmp_path, monkeypatch, decode):
     """A read of a device tensor (``item``, ``tolist``) waits for the device to finish its queued work:

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,11 +125,12 @@ def test_accuracy_is_absent_until_the_first_evaluation(worker):
     assert _families(worker.registry)["alexray_eval_top1_ratio"].samples[0].value == 0.25
 
 
-def test_timed_splits_data_wait_from_step_time(worker, monkeypatch):
-    import workers.training.metrics
+def test_one_timer_splits_data_wait_from_step_time_for_the_series_and_the_ledger(worker):
+    from workers.training.ledger import Ledger
 
     clock = [0.0]  # seconds, advanced by the loader and the steps below
-    monkeypatch.setattr(workers.training.metrics, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    ledger = Ledger()
+    ledger._clock, ledger._since, ledger._started_clock = (lambda: clock[0]), 0.0, 0.0
 
     def batches():
         for i in range(4):
@@ -139,10 +139,14 @@ def test_timed_splits_data_wait_from_step_time(worker, monkeypatch):
         clock[0] += 8.0  # finding the end of the data: no step follows, so it is no step's wait
 
     seen = []
-    for batch in worker.timed(batches()):
+    for batch in ledger.timed(batches(), 0, worker.observe_step):
         clock[0] += 0.5  # the step's compute
         seen.append(batch)
     assert seen == [0, 1, 2, 3]
+    # the same readings in the ledger: the first wait is this start's, the end of the data is waited for
+    seconds = ledger.totals()
+    assert seconds["startup"] == 0.25 and seconds["data_wait"] == 0.5 + 0.75 + 1 + 8
+    assert seconds["productive"] == 4 * 0.5
     values = {s.name: s.value for f in _families(worker.registry).values() for s in f.samples}
     assert values["alexray_train_step_duration_seconds_count"] == 4
     assert values["alexray_train_data_wait_seconds_total"] == 2.5
@@ -180,6 +184,7 @@ def test_a_process_without_ray_registers_and_removes_its_target(monkeypatch, tmp
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.heavy("Prometheus's promtool")
 def test_promtool_accepts_the_config_and_the_rules(tmp_path):
     config = CLUSTER / "prometheus" / "prometheus.yml"
     done = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
@@ -272,6 +277,7 @@ def test_watch_and_dashboard_refuse_an_unreachable_prometheus():
         Prometheus("ftp://somewhere")
 
 
+@pytest.mark.heavy("Prometheus")
 def test_watch_names_the_missing_run_and_the_fix(tmp_path):
     with start_prometheus(tmp_path / "prom", targets_dir=tmp_path / "targets", ray_sd_file=None) as prom:
         done = _alexray("watch", "--once", "--prometheus", prom.url)
@@ -302,6 +308,7 @@ def test_watch_names_the_missing_run_and_the_fix(tmp_path):
         assert sorted(g["name"] for g in rules) == ["alexray-alerts", "alexray-recording"]
 
 
+@pytest.mark.heavy("Prometheus")
 def test_the_summary_of_a_run_that_no_longer_reports_keeps_its_last_values(monkeypatch, tmp_path):
     """A run's series go stale as soon as its workers are gone: the summary line (``watch``'s and the
     dashboard's) shows them as they were last scraped, and whether the run finished or when it last reported."""

@@ -28,6 +28,8 @@ from orchestrator.prometheus import Prometheus, free_port, start_prometheus
 from tests.support.waiting import wait_until
 from tests.trainingtools import ray_train_pids, sharded_digits, write_spec
 
+pytestmark = pytest.mark.heavy("a two-node Ray cluster, Prometheus and chromium")
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "watched"
 SEL = f'run="{RUN}"'
@@ -43,11 +45,8 @@ class Monitored:
     root: Path
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.5):
-    return wait_until(predicate, timeout, what, proc, _driver_log, poll)
-
-
 def _driver_log(proc: subprocess.Popen) -> str:
+    """The tail of ``alexray train``'s log: ``wait_until``'s ``output`` for the driver."""
     return Path(proc.log_path).read_text(errors="replace")[-3000:]
 
 
@@ -108,9 +107,9 @@ def monitored(tmp_path_factory):
 
 def test_prometheus_scrapes_every_worker_of_a_two_node_run(monitored):
     prom = monitored.prom
-    rates = _wait(lambda: (lambda r: r if set(r) == {"0", "1"} and min(r.values()) > 0 else None)(
+    rates = wait_until(lambda: (lambda r: r if set(r) == {"0", "1"} and min(r.values()) > 0 else None)(
         _per_rank(prom, f"worker:alexray_train_images:rate1m{{{SEL}}}")), 240, "images/s of both ranks",
-        monitored.proc)
+        monitored.proc, _driver_log)
     assert all(v > 0 for v in rates.values()), rates
     # the two workers live under two different raylets: two nodes
     workers = ray_train_pids(monitored.cluster)
@@ -120,7 +119,7 @@ def test_prometheus_scrapes_every_worker_of_a_two_node_run(monitored):
     assert len({e["targets"][0] for e in entries}) == 2
     up = prom.scalar_by(f'up{{job="alexray", {SEL}}}', "rank")
     assert up == {"0": 1.0, "1": 1.0}
-    ratio = _wait(lambda: prom.query(f"run:alexray_train_data_wait:ratio_rate1m{{{SEL}}}"), 30, "data-wait ratio")
+    ratio = wait_until(lambda: prom.query(f"run:alexray_train_data_wait:ratio_rate1m{{{SEL}}}"), 30, "data-wait ratio")
     value = float(ratio[0]["value"][1])
     assert 0.0 <= value <= 1.0, value
     per_worker = _per_rank(prom, f"worker:alexray_train_data_wait:ratio_rate1m{{{SEL}}}")
@@ -136,8 +135,8 @@ def test_labels_stay_bounded_while_the_run_goes_on(monitored):
 
     before = series()
     step_before = max(prom.scalar_by(f"alexray_train_step{{{SEL}}}", "rank").values())
-    _wait(lambda: max(prom.scalar_by(f"alexray_train_step{{{SEL}}}", "rank").values()) >= step_before + 6, 120,
-          "six more steps", monitored.proc)
+    wait_until(lambda: max(prom.scalar_by(f"alexray_train_step{{{SEL}}}", "rank").values()) >= step_before + 6, 120,
+               "six more steps", monitored.proc, _driver_log)
     after = series()
     new = {dict(s)["__name__"] for s in after - before}
     assert new <= {"alexray_eval_top1_ratio", "alexray_eval_top5_ratio"}, after - before  # first evaluation only
@@ -180,7 +179,7 @@ def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
         return (restarts == {"0": 1.0, "1": 1.0} and set(fresh) == {"0", "1"} and min(fresh.values()) > 0
                 and time.time() - killed_at > 5)
 
-    _wait(restarted_and_training, 180, "the restarted workers to train", monitored.proc)
+    wait_until(restarted_and_training, 180, "the restarted workers to train", monitored.proc, _driver_log)
     back_at = time.time()
     for rank in ("0", "1"):
         expr = f'worker:alexray_train_images:rate1m{{{SEL}, rank="{rank}"}}'
@@ -197,8 +196,8 @@ def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
     assert next(iter(recovery.values()), 0) > 0, recovery
     goodput = prom.scalar_by(f"run:alexray_goodput:ratio_rate5m{{{SEL}}}", "")
     assert 0 < next(iter(goodput.values()), 0) < 1, goodput
-    firing = _wait(lambda: [a for a in prom.alerts() if a["labels"]["alertname"] == "AlexrayWorkerRestarted"
-                            and a["labels"].get("run") == RUN and a["state"] == "firing"], 30, "the restart alert")
+    firing = wait_until(lambda: [a for a in prom.alerts() if a["labels"]["alertname"] == "AlexrayWorkerRestarted"
+                                 and a["labels"].get("run") == RUN and a["state"] == "firing"], 30, "the restart alert")
     assert firing
 
 
@@ -212,7 +211,8 @@ def test_dashboard_page_plots_the_run_in_chromium(monitored, tmp_path):
     from orchestrator.monitor import start_dashboard
 
     prom = monitored.prom
-    _wait(lambda: prom.query(f"alexray_eval_top1_ratio{{{SEL}}}"), 120, "a first evaluation", monitored.proc)
+    wait_until(lambda: prom.query(f"alexray_eval_top1_ratio{{{SEL}}}"), 120, "a first evaluation", monitored.proc,
+               _driver_log)
     server = start_dashboard(prom.url, run=RUN)
     try:
         common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -23,8 +22,11 @@ from PIL import Image
 
 from tests.shardtools import error_line, run_alexray
 from tests.support import datasets as ds
+from tests.support.pickles import code_running_pickle
 from tests.trainingtools import read_json, write_spec
 from workers.models import checkpoint_format as ckpt
+
+pytestmark = pytest.mark.heavy("trains the models it evaluates, exports and fine-tunes (about 2 min)")
 
 FAST = {"data": {"num_workers": 0}, "scaling": {"num_workers": 1}, "checkpoint": {"every_steps": 0}}
 
@@ -211,13 +213,8 @@ def test_bad_checkpoints_are_refused_with_one_line_and_no_pickle_runs(pretrained
     cases["another model's weights"] = (other, "does not fit the alexnet (width 0.25, 5 classes)")
 
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     evil = _copy_checkpoint(pretrained, tmp_path / "evil")
-    (evil / "model.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
+    (evil / "model.pt").write_bytes(code_running_pickle(marker, protocol=2))
     _reseal(evil)
     cases["a pickle that runs code"] = (evil, "not a loadable checkpoint file")
 

@@ -28,8 +28,11 @@ import pytest
 from alexray_core.localcluster import LocalCluster, MARKER, command_line, stop_local_cluster
 from tests.shardtools import error_line, run_alexray
 from tests.support import datasets as ds
+from tests.support.runs import finish
 from tests.support.waiting import wait_until
 from tests.trainingtools import sample_log, steps_by_world_size, write_spec
+
+pytestmark = pytest.mark.heavy("a three-node Ray cluster")
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PER_CLASS, BATCH = 48, 32  # 480 samples: 15 steps of 32 per epoch
@@ -209,17 +212,6 @@ def _start_training(nodes, spec: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"training did not finish in {timeout} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
 def _run_files(s3_server, name: str, tmp_path: Path) -> Path:
     """A local copy of the run directory on S3 (progress, attempts, samples, summary)."""
     client = s3_server.client()
@@ -258,10 +250,6 @@ def _checkpoints(s3_server, name: str) -> list[str]:
     return sorted({o["Key"].split("/")[2] for o in listing.get("Contents", []) if o["Key"].endswith("complete.json")})
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    return wait_until(predicate, timeout, what, proc, poll=0.3)
-
-
 def _assert_exactly_once(run: Path, epochs: int) -> None:
     used = sample_log(run)
     assert sorted(used) == list(range(epochs))
@@ -274,18 +262,19 @@ def test_ddp_across_nodes_then_a_lost_node_is_replaced(nodes, s3_digits, tmp_pat
     spec = _spec(tmp_path, s3_digits, "node-loss", train={"epochs": 2}, checkpoint={"every_steps": 4},
                  debug={"step_delay": 0.4})
     proc = _start_training(nodes, spec)
-    _wait(lambda: _progress(s3_server, "node-loss").get("step", 0) >= 2, 240, "the first steps", proc)
+    wait_until(lambda: _progress(s3_server, "node-loss").get("step", 0) >= 2, 240, "the first steps", proc, poll=0.3)
     placed = nodes.node_of_training_workers()
     assert len(placed) == 2 and len(set(placed)) == 2, placed  # one DDP worker on each worker node
     # mid-epoch, once Ray has taken a checkpoint's report (the one a restart resumes from)
-    _wait(lambda: (_progress(s3_server, "node-loss").get("step", 0) >= 7
-                   and _registered_checkpoint(s3_server, "node-loss")), 120, "step 7 with a checkpoint registered", proc)
+    wait_until(lambda: (_progress(s3_server, "node-loss").get("step", 0) >= 7
+                        and _registered_checkpoint(s3_server, "node-loss")), 120, "step 7 with a checkpoint registered",
+               proc, poll=0.3)
 
     lost = nodes.workers[1]
     nodes.lose(lost)
     time.sleep(3)
     nodes.add()  # a replacement machine joins; the run needs two workers
-    out = _finish(proc)
+    out = finish(proc)
 
     run = _run_files(s3_server, "node-loss", tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -303,19 +292,20 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(nodes, s3_digits, tmp_p
                  scaling={"num_workers": [1, 2], "resize_interval_s": 3}, checkpoint={"every_steps": 3},
                  debug={"step_delay": 0.6})
     proc = _start_training(nodes, spec)
-    _wait(lambda: len(nodes.node_of_training_workers()) == 2 and _progress(s3_server, "elastic").get("step", 0) >= 4,
-          240, "two workers training", proc)
+    wait_until(lambda: len(nodes.node_of_training_workers()) == 2
+               and _progress(s3_server, "elastic").get("step", 0) >= 4, 240, "two workers training", proc, poll=0.3)
     nodes.lose(nodes.workers[1])
     # It goes on alone: one worker, the same global batch, on the remaining node. The node comes
     # back with most of the run still to go, so the grow is seen before the run ends even when
     # the new node is slow to register on a loaded machine.
-    _wait(lambda: len(nodes.node_of_training_workers()) == 1 and
-          _progress(s3_server, "elastic").get("attempt", 0) >= 1 and
-          _progress(s3_server, "elastic").get("step", 0) >= 6, 240, "training with one worker", proc)
+    wait_until(lambda: len(nodes.node_of_training_workers()) == 1 and
+               _progress(s3_server, "elastic").get("attempt", 0) >= 1 and
+               _progress(s3_server, "elastic").get("step", 0) >= 6, 240, "training with one worker", proc, poll=0.3)
     nodes.add()
-    _wait(lambda: len(nodes.node_of_training_workers()) == 2 and _progress(s3_server, "elastic").get("attempt", 0) >= 2,
-          240, "the run to grow back to two workers", proc)
-    _finish(proc)
+    wait_until(lambda: len(nodes.node_of_training_workers()) == 2
+               and _progress(s3_server, "elastic").get("attempt", 0) >= 2, 240, "the run to grow back to two workers",
+               proc, poll=0.3)
+    finish(proc)
 
     run = _run_files(s3_server, "elastic", tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -332,7 +322,7 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes(nodes, s3_digits, tmp
     spec = _spec(tmp_path, s3_digits, "preempted", train={"epochs": 1}, checkpoint={"every_steps": 0},
                  failure={"preemption_check_steps": 1}, debug={"step_delay": 0.5})
     proc = _start_training(nodes, spec)
-    _wait(lambda: _progress(s3_server, "preempted").get("step", 0) >= 3, 240, "the first steps", proc)
+    wait_until(lambda: _progress(s3_server, "preempted").get("step", 0) >= 3, 240, "the first steps", proc, poll=0.3)
     assert _checkpoints(s3_server, "preempted") == []  # every_steps 0: no checkpoint before the epoch ends
     going = nodes.workers[1]
     ray = str(Path(sys.executable).with_name("ray"))
@@ -341,13 +331,13 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes(nodes, s3_digits, tmp
                               "--deadline-remaining-seconds", "30"], capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stdout + drained.stderr
     # The node goes once Ray holds the checkpoint (a real one goes at its deadline, 30 s here).
-    saved = _wait(lambda: _registered_checkpoint(s3_server, "preempted"), 60,
-                  "Ray to register a checkpoint after the preemption notice", proc)
+    saved = wait_until(lambda: _registered_checkpoint(s3_server, "preempted"), 60,
+                       "Ray to register a checkpoint after the preemption notice", proc, poll=0.3)
     assert _checkpoints(s3_server, "preempted") == [saved]
     step = int(saved.rsplit("_s", 1)[1])
     nodes.lose(going)
     nodes.add()
-    out = _finish(proc)
+    out = finish(proc)
     assert "being preempted: checkpointing at step" in out
     run = _run_files(s3_server, "preempted", tmp_path)
     resumed = [json.loads(p.read_text())["resumed_from_step"] for p in sorted((run / "attempts").glob("*.json"))]

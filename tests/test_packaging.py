@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy("Prometheus's promtool, on the files of a wheel it builds and installs")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Run by the installed code, with the wheel's folder first on the path and the venv's

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torchvision
 
 from alexray_core.spec import SpecError, load_spec
+from tests.support.pickles import code_running_pickle
 from tests.trainingtools import read_json, sharded_digits, write_spec
 
 ALEXNET_URL = torchvision.models.get_model_weights("alexnet").DEFAULT.url
@@ -155,12 +155,7 @@ def test_a_file_that_is_not_a_weights_only_state_dict_is_refused_without_running
     from workers.models.pretrained import check_weights_source
 
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps(Payload(), protocol=2))
+    (tmp_path / "evil.pth").write_bytes(code_running_pickle(marker, protocol=2))
     with pytest.raises(ckpt.CheckpointError, match=r"evil.pth does not load as a state dict with weights_only=True "
                                                     r"\(UnpicklingError: .*\); save the weights alone"):
         check_weights_source(spec_with(str(tmp_path / "evil.pth")))
@@ -168,28 +163,6 @@ def test_a_file_that_is_not_a_weights_only_state_dict_is_refused_without_running
     torch.save({"epoch": 3, "model": {}}, tmp_path / "wrapped.pth")
     with pytest.raises(ckpt.CheckpointError, match="wrapped.pth holds no state dict of tensors"):
         check_weights_source(spec_with(str(tmp_path / "wrapped.pth")))
-
-
-@pytest.mark.parametrize("source, overrides, message", [
-    ("torchvision:alexnet", ["model.name=alexnet"], "the spec builds alexnet; set model.name: alexnet_tv "
-                                                    "(torchvision's AlexNet; alexnet is the paper's network"),
-    ("torchvision:alexnet", ["model.name=resnet18"], "weights for its alexnet but the spec builds resnet18; "
-                                                     "set model.name: alexnet_tv"),
-    ("torchvision:resnet18", [], "weights for its resnet18 but the spec builds alexnet_tv; set model.name: resnet18"),
-    ("torchvision:alexnet", ["model.width=0.25"], "model.width 0.25; set model.width: 1.0"),
-    ("torchvision:", [], "names no model; write torchvision:NAME"),
-    ("torchvision:alexnet_tv", [], "write torchvision:alexnet"),
-    ("/w/alexnet-owt-7be5be79.pth", ["model.name=alexnet"], "set model.name: alexnet_tv (torchvision's AlexNet), or "
-                                                            "start from an alexray checkpoint"),
-    ("s3://bucket/w.pth", [], "a .pth state dict is read from a local path"),
-])
-def test_the_spec_refuses_weights_for_another_model(source, overrides, message):
-    """Found without torch, so ``submit`` refuses them on a machine without it as well."""
-    with pytest.raises(SpecError) as e:
-        load_spec(None, ["data.path=/data/shards", "model.name=alexnet_tv", "model.width=1.0",
-                         f"finetune.from_checkpoint={json.dumps(source)}", *overrides])
-    assert str(e.value).startswith(f"finetune.from_checkpoint: {source}: ") and message in str(e.value), str(e.value)
-    assert "\n" not in str(e.value)
 
 
 def test_an_unknown_torchvision_model_is_named_with_the_closest(torch_home):

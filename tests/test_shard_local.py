@@ -14,7 +14,7 @@ import webdataset as wds
 
 from tests.shardtools import error_line, read_tar_samples, run_alexray, shard_contents, start_alexray
 from tests.support import datasets as ds
-from tests.support.waiting import wait_until
+from tests.support.waiting import stderr_tail, wait_until
 
 
 def _images_on_disk(root: Path, split: str) -> set[str]:
@@ -233,7 +233,7 @@ def test_interrupted_run_resumes_to_the_identical_result(tmp_path, how):
     dest = tmp_path / "shards"
     proc = start_alexray("shard", src, dest, "--shard-size", "4", "--resize-short-side", "200", "--workers", "1")
     wait_until(lambda: len(list((dest / "_progress").glob("*.json"))) >= 3, 120, "three finished shards", proc,
-               lambda p: p.communicate()[1][-3000:], poll=0.05)
+               stderr_tail, poll=0.05)
     os.killpg(proc.pid, signal.SIGKILL if how == "sigkill" else signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     if how == "sigint":

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.shardtools import run_alexray
 from tests.support import datasets as ds
+
+pytestmark = pytest.mark.heavy("a Ray cluster")
 
 
 def test_ray_tasks_write_the_same_shards_as_a_local_run(tmp_path, ray_cluster):

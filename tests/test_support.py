@@ -123,6 +123,7 @@ def test_restart_keeps_objects_and_addresses(s3_server, s3_bucket, pytestconfig)
     assert client.get_object(Bucket=s3_bucket, Key="after")["Body"].read() == b"new"
 
 
+@pytest.mark.heavy("SeaweedFS")
 def test_server_lifecycle_leaves_no_process_behind(tmp_path):
     server = S3Server(tmp_path / "own", access_key="k-own", secret_key="s-own")
     with server:
@@ -146,6 +147,7 @@ def test_server_lifecycle_leaves_no_process_behind(tmp_path):
     assert server.log_path.is_file() and (server.workdir / "data").is_dir()
 
 
+@pytest.mark.heavy("SeaweedFS")
 def test_restart_is_stop_then_start_on_the_same_ports(tmp_path, monkeypatch):
     server = S3Server(tmp_path / "never-started")
     calls = []
@@ -464,7 +466,3 @@ def test_make_dataset_fixture(make_dataset, tmp_path):
     assert (b.root / "LOC_val_solution.csv").is_file() and c.counts == {"train": 20, "val": 10}
     d = make_dataset(root=tmp_path / "chosen", classes=1, train_per_class=1, val_per_class=0, size=(32, 24))
     assert d.root == tmp_path / "chosen"
-
-
-def test_slow_marker_is_registered(pytestconfig):
-    assert any(line.startswith("slow:") for line in pytestconfig.getini("markers"))

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.shardtools import ROOT, error_line, run_alexray
+from tests.support.pickles import code_running_pickle
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
 from workers.models import checkpoint_format as ckpt
 
@@ -28,6 +27,7 @@ def run_workers(*args, timeout=300) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.heavy("three training runs")
 def test_resuming_by_run_name_continues_mid_epoch_bitwise(digits, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"),
                       train={"deterministic": True}, debug={"sample_log": True}, scaling={"num_workers": 1})
@@ -103,12 +103,7 @@ def test_incomplete_damaged_and_foreign_checkpoints_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil"
     evil.mkdir()
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (evil / "model.pt").write_bytes(pickle.dumps(Payload()))
+    (evil / "model.pt").write_bytes(code_running_pickle(marker))
     with pytest.raises(ckpt.CheckpointError, match="not a loadable checkpoint"):
         ckpt.load_tensors(evil, "model.pt")
     assert not marker.exists()
@@ -146,20 +141,7 @@ def test_plateau_divides_by_ten_and_resumes_its_state():
     assert plateau.lr(30, 0) == pytest.approx(0.0001)  # divided three times at most, as in the paper
 
 
-@pytest.mark.parametrize("name, workers, use_gpu, per_worker_batch, width, image_size", [
-    ("digits.yaml", 2, False, 32, 0.25, 64),  # the demo (README): 2 CPU workers, AlexNet at width 0.25, 64 px
-    ("imagenet-alexnet.yaml", 8, True, 128, 1.0, 224),  # the paper's AlexNet, 128 per GPU on 8 GPUs
-])
-def test_example_specs_load_as_the_docs_describe_them(name, workers, use_gpu, per_worker_batch, width, image_size):
-    from alexray_core.spec import load_spec
-
-    # with the overrides the README submits them with; a stale example raises here, naming the field
-    spec = load_spec(ROOT / "examples" / name, ["data.path=s3://bucket/shards", "run.storage=s3://bucket/runs"])
-    assert spec.worker_range() == (workers, workers) and spec.scaling.use_gpu is use_gpu
-    assert spec.train.global_batch_size // workers == per_worker_batch
-    assert (spec.model.name, spec.model.width, spec.data.image_size) == ("alexnet", width, image_size)
-
-
+@pytest.mark.heavy("bench/gpu.py's quick run")
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     """bench/gpu.py's quick run: shards made from generated photographs, both decode paths, the report."""
     out = tmp_path / "gpu.json"
@@ -173,42 +155,3 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert runs["synthetic"]["over_synthetic"] == 1.0 and result["train_flops_per_sample"] > 0
     assert set(result["decode"]) == {"cpu", "gpu", "headers"}
     assert result["parity"]["labels_and_draws_equal"] and result["parity"]["images"] == 16
-
-
-@pytest.mark.parametrize("override, message", [
-    ("scaling.num_workers=abc", "scaling.num_workers: expected an integer or a [min, max] list"),
-    ("scaling.num_workers=[3,1]", "scaling.num_workers: a range must be [min, max]"),
-    ("model.num_classes=1.5", "model.num_classes: expected an integer"),
-    ("train.deterministic=yes please", "train.deterministic: expected true or false"),
-    ("train.schedule=linear", "train.schedule: 'linear' is not one of step, plateau, cosine"),
-    ("data.eval_resize=100", "data.eval_resize: 100 is smaller than data.image_size 224"),
-    ("aws.secret_access_key=x", "aws.secret_access_key: specs must not carry secrets"),
-    ("data.path=s3://user:pass@bucket/x", "data.path: a URL with an embedded password"),
-    ("nonsense", "expected section.field=value"),
-    ("finetune.freeze_features=true", "finetune.freeze_features: only applies with finetune.from_checkpoint"),
-    ("finetune.backbone_lr_mult=0.1", "finetune.backbone_lr_mult: only applies with finetune.from_checkpoint"),
-    ("finetune.from_checkpoint=''", "finetune.from_checkpoint: empty"),
-    ("finetune.from=x", "finetune.from: unknown key"),
-])
-def test_spec_validation_names_the_field(override, message):
-    from alexray_core.spec import SpecError, load_spec
-
-    with pytest.raises(SpecError) as error:
-        load_spec({"data": {"path": "/data/shards"}}, [override])
-    assert message in str(error.value)
-
-
-def test_spec_overrides_apply_after_the_file(tmp_path):
-    from alexray_core.spec import SpecError, load_spec
-
-    path = tmp_path / "spec.yaml"
-    path.write_text("data: {path: /data}\ntrain: {epochs: 5, lr: 0.02}\n")
-    spec = load_spec(path, ["train.epochs=7", "scaling.num_workers=[2, 4]", "data.val_split=null",
-                            "train.global_batch_size=96"])
-    assert (spec.train.epochs, spec.train.lr, spec.scaling.num_workers, spec.data.val_split) == (7, 0.02, [2, 4], None)
-    # an elastic run may take any size in its range: 128 does not divide by 3
-    with pytest.raises(SpecError, match=r"^train.global_batch_size: 128 is not divisible by 3 workers"):
-        load_spec(path, ["scaling.num_workers=[2, 4]"])
-    with pytest.raises(SpecError, match=r"^data.image_size: 32 is too small for alexnet; use at least 64"):
-        load_spec(path, ["data.image_size=32", "data.eval_resize=32"])
-    assert spec.train.momentum == 0.9 and spec.train.weight_decay == 5e-4  # the paper's defaults

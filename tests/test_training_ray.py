@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.shardtools import start_alexray
-from tests.support.waiting import wait_until
+from tests.support.runs import finish, progress_step
+from tests.support.waiting import stderr_tail, wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
 from workers.training.run_store import RunStore
+
+pytestmark = pytest.mark.heavy("a Ray cluster ('alexray train' starts its own)")
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +27,8 @@ def digits(tmp_path_factory):
     return sharded_digits(tmp_path_factory.mktemp("digits-ray"))
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 def _finish_printed(proc: subprocess.Popen, timeout: float = 420) -> float:
-    """Wait for the command as _finish does; returns when it printed the run's summary, the end of
+    """Wait for the command as ``finish`` does; returns when it printed the run's summary, the end of
     the run (what follows is the process's own teardown: Ray's client and the interpreter)."""
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
@@ -44,17 +41,6 @@ def _finish_printed(proc: subprocess.Popen, timeout: float = 420) -> float:
     reader.join(timeout)
     assert proc.returncode == 0 and printed is not None, "".join(errors)[-4000:]
     return printed
-
-
-def _wait_for(predicate, proc, timeout=240, what="condition"):
-    return wait_until(predicate, timeout, what, proc, lambda p: p.communicate()[1][-4000:], poll=0.05)
-
-
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return read_json(run_dir / "progress.json")["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
 
 
 def _registered(run_dir: Path) -> str | None:
@@ -87,7 +73,7 @@ def test_two_workers_learn_digits_with_checkpoints_on_s3(digits, tmp_path, ray_c
     _, env = ray_cluster
     spec = write_spec(tmp_path / "spec.yaml", str(digits), f"s3://{s3_bucket}/runs",
                       train={"epochs": 4, "log_every": 6, "grad_compression": "bf16"}, run={"name": "learn"})
-    stdout = _finish(start_alexray("train", spec, env={**env, **s3_env}))
+    stdout = finish(start_alexray("train", spec, env={**env, **s3_env}))
     summary = json.loads(stdout[stdout.index("{"):])
     assert summary["epochs"] == 4 and summary["steps"] == 4 * 18 and summary["restarts"] == 0
     assert summary["top1"] > 0.4, summary  # chance is 0.1
@@ -110,7 +96,7 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
     common = {"train": {"deterministic": True, "log_every": 1}, "debug": {"sample_log": True}}
     reference = write_spec(tmp_path / "reference.yaml", str(digits), str(tmp_path / "runs"),
                            run={"name": "reference"}, **common)
-    _finish(start_alexray("train", reference, env=env))
+    finish(start_alexray("train", reference, env=env))
     expected = read_json(tmp_path / "runs" / "reference" / "summary.json")
 
     faulty = write_spec(tmp_path / "faulty.yaml", str(digits), str(tmp_path / "runs"), run={"name": "faulty"},
@@ -121,16 +107,16 @@ def test_sigkilled_workers_resume_exactly(digits, tmp_path, ray_cluster):
     proc = start_alexray("train", faulty, env=env)
     # 1) mid-epoch, between the checkpoints of steps 6 and 12, once Ray has taken the first one (its
     # controller collects reports every 2 s; the step-12 one takes checkpoint_delay longer than that)
-    _wait_for(lambda: _progress_step(run_dir) >= 9 and _registered(run_dir) == "checkpoint_e0000_s000000006", proc,
-              what="step 9 with the step-6 checkpoint registered")
-    reached = _progress_step(run_dir)  # the kill comes at this step or after
+    wait_until(lambda: progress_step(run_dir) >= 9 and _registered(run_dir) == "checkpoint_e0000_s000000006", 240,
+               "step 9 with the step-6 checkpoint registered", proc, stderr_tail, poll=0.05)
+    reached = progress_step(run_dir)  # the kill comes at this step or after
     os.kill(_train_workers()[0], signal.SIGKILL)
     # 2) rank 0's worker, while it writes the epoch-end checkpoint (step 18): its files are in its
     # scratch folder and it sleeps checkpoint_delay before complete.json
-    _wait_for(lambda: len(list((run_dir / "attempts").glob("*.json"))) == 2 and _progress_step(run_dir) >= 1,
-              proc, what="the restart")
-    writer, folder = _wait_for(lambda: _checkpoint_being_written(RunStore(str(run_dir)).scratch_root, 18), proc,
-                               what="the step-18 checkpoint being written")
+    wait_until(lambda: len(list((run_dir / "attempts").glob("*.json"))) == 2 and progress_step(run_dir) >= 1, 240,
+               "the restart", proc, stderr_tail, poll=0.05)
+    writer, folder = wait_until(lambda: _checkpoint_being_written(RunStore(str(run_dir)).scratch_root, 18), 240,
+                                "the step-18 checkpoint being written", proc, stderr_tail, poll=0.05)
     os.kill(writer, signal.SIGKILL)
     assert (folder / "state.json").exists() and not (folder / "complete.json").exists()  # killed mid-write
     wall = _finish_printed(proc) - started
@@ -168,12 +154,12 @@ def test_s3_server_restart_mid_epoch(digits, tmp_path, ray_cluster, s3_server, s
                       run={"name": "outage"}, train={"epochs": 1}, data={"shuffle_block": 16},
                       debug={"step_delay": 0.2})
     proc = start_alexray("train", spec, env={**env, **s3_env})
-    _wait_for(lambda: _progress_step(tmp_path / "runs" / "outage") >= 3, proc, what="step 3")
+    wait_until(lambda: progress_step(tmp_path / "runs" / "outage") >= 3, 240, "step 3", proc, stderr_tail, poll=0.05)
     s3_server.stop()
     time.sleep(2)
     restart = threading.Thread(target=s3_server.start)
     restart.start()
-    _finish(proc)
+    finish(proc)
     restart.join()
     summary = read_json(tmp_path / "runs" / "outage" / "summary.json")
     assert summary["steps"] == 18
@@ -186,6 +172,6 @@ def test_train_starts_its_own_local_cluster_when_none_is_given(digits, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"), run={"name": "local"},
                       train={"max_steps": 4}, data={"val_split": None})
-    stdout = _finish(start_alexray("train", spec, env={**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}))
+    stdout = finish(start_alexray("train", spec, env={**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}))
     assert json.loads(stdout[stdout.index("{"):])["steps"] == 4
     assert _train_workers() == []  # the cluster went away with the command

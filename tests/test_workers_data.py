@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexray_core.errors import AlexrayError
+from alexray_core.storage import StorageError
 from alexray_core.storage.s3reader import ResumableS3Reader
-from tests.shardtools import run_alexray
+from tests.shardtools import read_tar_samples, run_alexray
 from tests.support import datasets as ds
+from tests.support.waiting import wait_until
 from workers.data.loader import (
+    EvalStream,
     SplitInfo,
     eval_batches,
+    eval_segments,
     load_manifest,
     split_info,
     train_batches,
 )
 from workers.data.sampling import plan_epoch, rank_slices
+from workers.data.transforms import eval_image
 
 UNEVEN = [37, 5, 61, 1, 23, 40, 12, 0, 29]  # deliberately uneven shards (one empty)
 
@@ -205,3 +212,60 @@ def test_loader_reads_shards_from_s3(shards, s3_server, s3_bucket, s3_env):
     remote, local = split_info(url, manifest, "train"), split_info(str(shards), manifest, "train")
     plan = plan_epoch(list(local.sizes), 16, 4, seed=5, epoch=0)
     assert _keys_by_step(remote, plan, 2, 0) == _keys_by_step(local, plan, 2, 0)
+
+
+# ---- evaluation: decoded on threads -------------------------------------------------------------
+
+def _rows(batch) -> list[tuple[int, bytes]]:
+    """(label, pixels) of each sample of an evaluation batch."""
+    return [(int(label), image.numpy().tobytes()) for label, image in zip(batch["labels"], batch["images"])]
+
+
+def _decoding_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("eval-decode")]
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_eval_threads_decode_the_whole_split_once_in_the_same_batches(shards, threads):
+    split = split_info(str(shards), load_manifest(str(shards)), "train")  # 8 shards: several per rank
+    assert len(split.urls) == 8
+    expected = sorted((int(parts["cls"]), eval_image(parts["jpg"], 32, 36).transpose(2, 0, 1).tobytes())
+                      for url in split.urls for parts in read_tar_samples(Path(url).read_bytes()).values())
+    got, skipped = [], 0
+    for rank in range(2):
+        batches = list(eval_batches(split, 2, rank, 32, 36, 4, threads))
+        assert all(b["images"].dtype == torch.uint8 and b["images"].shape[1:] == (3, 32, 32) for b in batches)
+        got += [row for b in batches for row in _rows(b)]
+        skipped += sum(b["skipped"] for b in batches)
+        # thread k reads segments[k::threads] into its own batches, whatever order they arrive in
+        segments, stream = eval_segments(split.sizes, 2, rank), EvalStream(split, 32, 36, 4)
+        parts = [segments[k::threads] for k in range(min(threads, len(segments)))] or [segments]
+        inline = [_rows(b) for part in parts for b in stream.batches(part)]
+        assert sorted(_rows(b) for b in batches) == sorted(inline)
+    assert skipped == 0 and len(got) == split.samples == 100
+    assert sorted(got) == expected  # every sample once, with its label and the same pixels
+    wait_until(lambda: not _decoding_threads(), 10, "the decoding threads to end", poll=0.05)
+
+
+def test_an_unreadable_shard_fails_the_evaluation_in_one_line_and_ends_the_threads(shards, tmp_path):
+    split = split_info(str(shards), load_manifest(str(shards)), "train")
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for url in split.urls:
+        (copied / Path(url).name).write_bytes(Path(url).read_bytes())
+    moved = SplitInfo(tuple(str(copied / Path(u).name) for u in split.urls), split.sizes, split.num_classes)
+    (copied / "train-000005.tar").unlink()  # after the split was read: the dataset changed during the run
+    with pytest.raises(StorageError) as raised:  # in the consumer, the thread's own exception
+        list(eval_batches(moved, 1, 0, 32, 36, 4, 3))
+    assert re.fullmatch(r"\S+/train-000005\.tar no longer exists: .*run again \(.*\)", str(raised.value))
+    wait_until(lambda: not _decoding_threads(), 10, "the decoding threads to end", poll=0.05)
+
+
+def test_closing_the_evaluation_early_ends_its_threads(shards):
+    split = split_info(str(shards), load_manifest(str(shards)), "train")
+    batches = eval_batches(split, 1, 0, 32, 36, 4, 3)
+    first = next(batches)
+    assert len(first["labels"]) == 4
+    assert len(_decoding_threads()) == 3  # 25 batches, 6 queued at most: none of the threads is done
+    batches.close()
+    wait_until(lambda: not _decoding_threads(), 10, "the decoding threads to end", poll=0.05)

@@ -2,8 +2,9 @@
 
 ``open_storage(url)`` picks the backend: ``alexray_core.storage.local.LocalStorage`` for a path,
 ``alexray_core.storage.s3.S3Storage`` for ``s3://bucket/prefix``. ``alexray_core.storage.api``
-holds the interface, ``StorageError`` and what the backends share. Standard library and boto3
-only: the submit side imports this without torch.
+holds the interface, ``StorageError`` and what the backends share; ``alexray_core.storage.s3reader``
+the one reader of S3 objects (resumable, pinned to one version), ``alexray_core.storage.hashing`` the
+one sha256 reader. Standard library and boto3 only: the submit side imports this without torch.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from alexray_core.storage.api import (
     is_s3_url,
     split_s3_url,
 )
+from alexray_core.storage.hashing import Sha256Reader, sha256_of
 from alexray_core.storage.local import LocalStorage
 from alexray_core.storage.s3 import UPLOADS_DIR, S3Storage
 
 __all__ = [
     "WRITE_PROBE", "UPLOADS_DIR", "ObjectInfo", "Storage", "StorageError", "LocalStorage", "S3Storage",
-    "is_s3_url", "split_s3_url", "open_storage", "storage_env", "apply_storage_env",
+    "is_s3_url", "split_s3_url", "Sha256Reader", "sha256_of",
+    "open_storage", "storage_env", "apply_storage_env", "absolute_location",
 ]
 
 
@@ -55,3 +58,12 @@ def open_storage(url: str | Path, record_uploads: bool = False) -> Storage:
     if "://" in url and not url.startswith("file://"):
         raise StorageError(f"unsupported storage URL {url!r}: use s3://BUCKET/PREFIX or a local path")
     return LocalStorage(url.removeprefix("file://"))
+
+
+def absolute_location(location: str | Path) -> str:
+    """``location`` as every process on every node reads it: an ``s3://`` URL as it is, a local path
+    (``~``, relative, ``file://``) made absolute, since workers run elsewhere, in other directories."""
+    location = str(location)
+    if is_s3_url(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))

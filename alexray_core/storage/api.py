@@ -2,15 +2,14 @@
 
 ``Storage`` is a flat namespace of named objects under one root (a local directory:
 ``alexray_core.storage.local.LocalStorage``; an S3 prefix: ``alexray_core.storage.s3.S3Storage``); open one with
-``alexray_core.storage.local.open_storage``. Here too: S3 URLs, the S3 client on boto3's standard credential
-chain (``AWS_ENDPOINT_URL`` honoured), how S3 errors read to a user, and which of them are
-transient: those are retried with exponential backoff by botocore and, around whole-object
-operations, by ``retry_transient``.
+``alexray_core.storage.open_storage``. Here too: S3 URLs, the S3 settings read from the environment
+(endpoint, region, attempts: each read in one place), the S3 client on boto3's standard credential
+chain, how S3 errors read to a user, and which of them are transient: those are retried with
+exponential backoff by botocore and, around whole-object operations, by ``retry_transient``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from alexray_core.errors import AlexrayError
+from alexray_core.storage.hashing import sha256_of
 
 T = TypeVar("T")
 
@@ -40,6 +40,22 @@ _CREDENTIAL_CODES = {
 
 
 WRITE_PROBE = "_write_probe_"  # names of the objects check_writable writes and deletes
+DEFAULT_S3_ATTEMPTS = 8  # tries per object operation (each request inside also has botocore's own retries)
+
+
+def s3_attempts() -> int:
+    """How many times an object operation is tried before a transient failure is given up on."""
+    return int(os.environ.get("ALEXRAY_S3_ATTEMPTS", str(DEFAULT_S3_ATTEMPTS)))
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint configured in the environment, or None for AWS itself. The S3-specific
+    variable wins, as it does in boto3."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
 def is_s3_url(url: str) -> bool:
@@ -130,10 +146,7 @@ class Storage:
         return 0
 
     def sha256(self, name: str) -> str:
-        digest = hashlib.sha256()
-        for chunk in self.iter_chunks(name):
-            digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_of(self.iter_chunks(name))
 
     def check_reachable(self) -> None:
         """Raise StorageError, naming the fix, if the storage cannot be read at all."""
@@ -146,7 +159,7 @@ class Storage:
 
 
 def make_s3_client(max_attempts: int | None = None):
-    """A boto3 S3 client on the standard credential chain; ``AWS_ENDPOINT_URL`` is honoured by boto3."""
+    """A boto3 S3 client on the standard credential chain; boto3 itself honours ``s3_endpoint``'s variables."""
     import boto3
     from botocore.config import Config
 
@@ -159,15 +172,14 @@ def make_s3_client(max_attempts: int | None = None):
         read_timeout=60,
         s3={"addressing_style": os.environ.get("ALEXRAY_S3_ADDRESSING", "path")},
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client("s3", region_name=region, config=config)
+    return boto3.session.Session().client("s3", region_name=s3_region(), config=config)
 
 
 def describe_s3_error(exc: BaseException, url: str) -> StorageError:
     """Translate a boto3/botocore exception into a one-line error that names the fix."""
     from botocore import exceptions as bx
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "the AWS S3 endpoint"
+    endpoint = s3_endpoint() or "the AWS S3 endpoint"
     bucket = split_s3_url(url)[0] if is_s3_url(url) else url
     if isinstance(exc, bx.NoCredentialsError):
         return StorageError(
@@ -229,7 +241,7 @@ def retry_transient(fn: Callable[[], T], *, what: str, attempts: int | None = No
     botocore already retries single requests; this outer loop rides out longer outages
     (a restarting server) for whole-object operations such as uploading a shard.
     """
-    attempts = attempts or int(os.environ.get("ALEXRAY_S3_ATTEMPTS", "8"))
+    attempts = attempts or s3_attempts()
     for attempt in range(1, attempts + 1):
         try:
             return fn()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -22,13 +21,13 @@ from alexray_core.storage.api import (
     Storage,
     StorageError,
     _unwrap_upload_error,
-    backoff_delay,
     describe_s3_error,
-    is_transient,
     make_s3_client,
     retry_transient,
+    s3_endpoint,
     split_s3_url,
 )
+from alexray_core.storage.s3reader import ResumableS3Reader
 
 T = TypeVar("T")
 log = logging.getLogger("alexray.storage")
@@ -141,45 +140,14 @@ class S3Storage(Storage):
     def iter_chunks(self, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Stream an object. A connection that drops mid-read is picked up again with a ranged GET
         from the byte where it broke, pinned by If-Match to the same version of the object."""
-        from botocore.exceptions import ClientError
+        with self.reader(name) as reader:
+            while chunk := reader.read(chunk_size):
+                yield chunk
 
-        key, offset, etag, total = self._key(name), 0, None, None
-        attempts = int(os.environ.get("ALEXRAY_S3_ATTEMPTS", "8"))
-        failures, failed_at = 0, -1
-
-        def open_body():
-            request = {"Bucket": self.bucket, "Key": key}
-            if offset:
-                request.update(Range=f"bytes={offset}-", IfMatch=etag)
-            try:
-                return self.client.get_object(**request)
-            except ClientError as exc:
-                if offset and str(exc.response.get("Error", {}).get("Code", "")) in _PRECONDITION_CODES:
-                    raise StorageError(f"{self.join(name)} changed while it was being read; read it again") from None
-                raise
-
-        while total is None or offset < total:
-            response = self._call(f"get {name}", open_body)
-            if total is None:
-                etag, total = response.get("ETag"), response["ContentLength"]
-            body = response["Body"]
-            try:
-                for chunk in body.iter_chunks(chunk_size):
-                    offset += len(chunk)
-                    yield chunk
-                return
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not is_transient(exc):
-                    raise
-                failures = 1 if offset > failed_at else failures + 1  # progress since the last break resets
-                failed_at = offset
-                if failures >= attempts:
-                    raise describe_s3_error(exc, self.url) from exc
-                delay = backoff_delay(failures)
-                log.warning("reading %s broke at byte %d of %d (%s); resuming in %.1f s", name, offset, total, exc, delay)
-                time.sleep(delay)
-            finally:
-                body.close()
+    def reader(self, name: str) -> ResumableS3Reader:
+        """A resumable, version-pinned raw file over one object, failing in this storage's words."""
+        return ResumableS3Reader(self.bucket, self._key(name), client=self.client, then="read it again",
+                                 describe=lambda exc, _url, _attempts: describe_s3_error(exc, self.url))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call(f"put {name}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data))
@@ -204,7 +172,7 @@ class S3Storage(Storage):
         done = self._call(f"put {name}", put)
         if done is None:
             log.warning("%s does not implement conditional writes: two runs starting at the same moment "
-                        "may both take %s", os.environ.get("AWS_ENDPOINT_URL") or "S3", self.join(name))
+                        "may both take %s", s3_endpoint() or "S3", self.join(name))
         return done
 
     def create_exclusive(self, name: str, data: bytes) -> bool:

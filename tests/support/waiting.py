@@ -11,6 +11,11 @@ def _stdout_tail(proc: subprocess.Popen) -> str:
     return (proc.stdout.read() if proc.stdout else "")[-4000:]
 
 
+def stderr_tail(proc: subprocess.Popen) -> str:
+    """The tail of an ended ``proc``'s stderr (a pipe): ``wait_until``'s ``output`` for such a process."""
+    return proc.communicate()[1][-4000:]
+
+
 def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
                output: Callable[[subprocess.Popen], str] | None = None, poll: float = 0.5):
     """Call ``predicate`` until it returns something true, and return that.

@@ -37,16 +37,16 @@ from workers.data.loader import (
     Batch,
     SplitInfo,
     ThreadedTrainLoader,
-    _skip,
     eval_segments,
+    log_skipped,
     read_segments,
     sample_parts,
 )
 from workers.data.sampling import EpochPlan, RankSlice, rank_slices
 from workers.data.transforms import (
-    _MAX_PIXELS,
+    MAX_PIXELS,
     CorruptSample,
-    _decode_region,
+    decode_region,
     eval_boxes,
     eval_image,
     lighting_alphas,
@@ -129,7 +129,7 @@ class JpegHeader:
         """CorruptSample where the CPU path refuses the image from its header alone."""
         if not self.width or not self.height:
             raise CorruptSample(f"JPEG frame header of {self.width}x{self.height} pixels")
-        if self.width * self.height > _MAX_PIXELS:
+        if self.width * self.height > MAX_PIXELS:
             raise CorruptSample(f"image of {self.width}x{self.height} pixels refused")
 
 
@@ -297,7 +297,7 @@ class HeaderLoader(ThreadedTrainLoader):
                 data, label = sample_parts(sample, self.split.num_classes)
                 self._draw(host, row, data, rng)
             except _UNDECODABLE as e:
-                _skip(sample, e)
+                log_skipped(sample, e)
                 host.jpegs[row] = None
                 host.ready.pop(row, None)
                 skipped += 1
@@ -320,7 +320,7 @@ class HeaderLoader(ThreadedTrainLoader):
 
 def cpu_crop(data: bytes, box, size: int, flip: bool) -> np.ndarray:
     """The CPU path's pixels for a box already drawn: what train_image makes from the same draws."""
-    image = _decode_region(data, box, size, size)
+    image = decode_region(data, box, size, size)
     return np.ascontiguousarray(image[:, ::-1] if flip else image)
 
 
@@ -482,7 +482,7 @@ def eval_host_batches(split: SplitInfo, segments, image_size: int, resize: int, 
                          for b in eval_boxes(header.width, header.height, image_size, resize, ten_crop)]
                 hw = (header.height, header.width)
         except _UNDECODABLE as e:
-            _skip(sample, e)
+            log_skipped(sample, e)
             batch.skipped += 1
         else:
             batch.jpegs.append(data)

@@ -1,9 +1,10 @@
 """Stream shards (local or ``s3://``) into uint8 batches, in the order ``sampling`` prescribes.
 
 Training: ``train_batches`` decodes with threads straight into each step's batch tensor (see
-``ThreadedTrainLoader``). Evaluation: ``eval_batches``, a DataLoader over the rank's contiguous
-share of the split. Shards are read with our boto3 opener registered in WebDataset's ``gopen``
-(so ``s3://`` URLs stream and resume) and a minimal tar reader.
+``ThreadedTrainLoader``). Evaluation: ``eval_batches`` decodes the rank's contiguous share of the
+split with threads too, each reading its own shard segments into whole batches. Shards are read
+with our boto3 opener registered in WebDataset's ``gopen`` (so ``s3://`` URLs stream and resume)
+and a minimal tar reader.
 
 Two kinds of fault, told apart: a shard that cannot be read at all (refused credentials, a
 deleted object, bucket or file, a sha256 that does not match the manifest) raises a one-line
@@ -15,25 +16,26 @@ dropped from their batch and counted (the training loop bounds how many).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import multiprocessing as mp
 import posixpath
+import queue
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from alexray_core.errors import EXIT_FAILED
 from alexray_core.spec import SpecError
-from alexray_core.storage import StorageError, apply_storage_env, storage_env
+from alexray_core.storage import StorageError
 from alexray_core.storage import s3reader as s3io
+from alexray_core.storage.hashing import Sha256Reader
 from data_prep.errors import ShardError
+from data_prep.manifest import MANIFEST_NAME, parse_manifest
+from workers.data.s3open import use_s3_reader
 from workers.data.sampling import (
     EpochPlan,
     RankSlice,
@@ -67,13 +69,14 @@ class SplitInfo:
 
 
 def load_manifest(dataset: str) -> dict:
-    s3io.register()
-    url = posixpath.join(dataset.rstrip("/"), "manifest.json") if dataset.startswith("s3://") else \
-        f"{dataset.rstrip('/')}/manifest.json"
+    use_s3_reader()
+    url = posixpath.join(dataset.rstrip("/"), MANIFEST_NAME) if dataset.startswith("s3://") else \
+        f"{dataset.rstrip('/')}/{MANIFEST_NAME}"
     try:
-        return json.loads(s3io.read_bytes(url))
+        data = s3io.read_bytes(url)
     except FileNotFoundError:
-        raise SpecError(f"data.path: no manifest.json at {dataset}; shard the dataset first with 'alexray shard'") from None
+        raise SpecError(f"data.path: no {MANIFEST_NAME} at {dataset}; shard the dataset first with 'alexray shard'") from None
+    return parse_manifest(data, url)  # its format and version checked
 
 
 def split_info(dataset: str, manifest: dict, split: str, verify: bool = False) -> SplitInfo:
@@ -125,7 +128,8 @@ def too_many_skipped(what: str, fraction: float, dataset: str) -> ShardError:
                       "data.max_skipped_fraction", exit_code=EXIT_FAILED)
 
 
-def _skip(sample: dict | None, reason: Exception) -> None:
+def log_skipped(sample: dict | None, reason: Exception) -> None:
+    """Name a corrupt sample in the log as it is dropped (``'skipped sample'``: what the errors point to)."""
     if sample is not None:  # a lost sample was reported with its shard
         log.warning("skipped sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
 
@@ -234,23 +238,6 @@ def _group_samples(stream, url: str) -> Iterator[dict]:
         yield current
 
 
-class _Hashing:
-    """A read-only stream that feeds every byte read through sha256 (one pass: read and verify)."""
-
-    def __init__(self, stream):
-        self.stream, self.digest = stream, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.digest.update(data)
-        return data
-
-    def finish(self) -> str:
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
 def _unreadable(url: str, error: OSError) -> StorageError:
     """A shard that cannot be opened or read: one line naming it and the fix."""
     if isinstance(error, FileNotFoundError):
@@ -266,7 +253,7 @@ def _segment_samples(url: str, seg: Segment, digest: str | None) -> Iterator[dic
     """Samples ``[seg.start, seg.stop)`` of a shard. With ``digest`` the whole shard is read and
     hashed before any sample is handed out, so no sample of a changed shard is ever trained on
     (this holds one segment, at most a shard, in memory)."""
-    s3io.register()
+    use_s3_reader()
     with gopen(url, "rb") as raw:
         if digest is None:
             for index, sample in enumerate(_group_samples(raw, url)):
@@ -275,7 +262,7 @@ def _segment_samples(url: str, seg: Segment, digest: str | None) -> Iterator[dic
                 if index + 1 >= seg.stop:
                     return
             return
-        stream, kept, corrupt = _Hashing(raw), [], None
+        stream, kept, corrupt = Sha256Reader(raw), [], None
         try:
             for index, sample in enumerate(_group_samples(stream, url)):
                 if seg.start <= index < seg.stop:
@@ -452,7 +439,7 @@ class ThreadedTrainLoader:
                 data, label = sample_parts(sample, self.split.num_classes)
                 image = train_image(data, self.image_size, rng, self.min_crop_area)
             except (CorruptSample, ValueError) as e:
-                _skip(sample, e)
+                log_skipped(sample, e)
                 skipped += 1
                 continue
             row = offset + j
@@ -496,22 +483,6 @@ def train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: int,
                                     lighting_std, min_crop_area, prefetch))
 
 
-def _mp():
-    # forkserver: workers start from a clean process, not a fork of one holding threads (Ray, gloo).
-    return mp.get_context("forkserver")
-
-
-class _WorkerEnv:
-    """worker_init_fn: give DataLoader workers this process's storage settings (see apply_storage_env)."""
-
-    def __init__(self):
-        self.env = storage_env()
-
-    def __call__(self, worker_id: int) -> None:
-        apply_storage_env(self.env)
-        s3io.reset_client()
-
-
 # ---- evaluation ----------------------------------------------------------------------------------
 
 def eval_segments(sizes: tuple[int, ...], world_size: int, rank: int) -> tuple[Segment, ...]:
@@ -527,23 +498,23 @@ def eval_segments(sizes: tuple[int, ...], world_size: int, rank: int) -> tuple[S
     return tuple(out)
 
 
-class EvalStream(IterableDataset):
-    def __init__(self, split: SplitInfo, segments: tuple[Segment, ...], image_size: int, resize: int,
-                 batch_size: int, ten_crop: bool = False):
-        self.split, self.segments = split, segments
+class EvalStream:
+    """Evaluation batches of a split's segments in read order: ``batch_size`` decoded samples each
+    (the last one fewer), each with the count of samples dropped as corrupt since the one before."""
+
+    def __init__(self, split: SplitInfo, image_size: int, resize: int, batch_size: int, ten_crop: bool = False):
+        self.split = split
         self.image_size, self.resize, self.batch_size, self.ten_crop = image_size, resize, batch_size, ten_crop
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    def batches(self, segments: tuple[Segment, ...]) -> Iterator[dict]:
         images, labels, skipped = [], [], 0
-        for sample in read_segments(self.split.urls, self.segments[worker::workers], self.split.digests):
+        for sample in read_segments(self.split.urls, segments, self.split.digests):
             try:
                 data, label = sample_parts(sample, self.split.num_classes)
                 images.append(eval_image(data, self.image_size, self.resize, self.ten_crop))
                 labels.append(label)
             except (CorruptSample, ValueError) as e:
-                _skip(sample, e)
+                log_skipped(sample, e)
                 skipped += 1
             if len(images) == self.batch_size:
                 yield self._batch(images, labels, skipped)
@@ -561,24 +532,70 @@ class EvalStream(IterableDataset):
         return {"images": array.contiguous(), "labels": torch.tensor(labels, dtype=torch.long), "skipped": skipped}
 
 
-def eval_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, resize: int, batch_size: int,
-                 num_workers: int, ten_crop: bool = False):
-    segments = eval_segments(split.sizes, world_size, rank)
-    workers = min(num_workers, len(segments))
-    dataset = EvalStream(split, segments, image_size, resize, batch_size, ten_crop)
-    return _one_line_errors(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                       multiprocessing_context=_mp() if workers else None,
-                                       worker_init_fn=_WorkerEnv() if workers else None))
+_DONE = object()  # a decoding thread's last item: its segments are all decoded
+_PUT_WAIT_S = 0.1  # how soon a thread waiting on a full queue notices that the consumer has stopped
 
 
-def _one_line_errors(loader: DataLoader) -> Iterator[dict]:
-    """The loader's batches; a worker process's ShardError comes back as its own one line, not the
-    worker's traceback that DataLoader puts into the message."""
+def _offer(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` once there is room; False, without putting it, once the consumer has stopped."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=_PUT_WAIT_S)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _decode_into(stream: EvalStream, segments: tuple[Segment, ...], out: queue.Queue,
+                 stop: threading.Event) -> None:
+    """A decoding thread: its segments' batches, then ``_DONE``, or the exception that ended it."""
     try:
-        yield from loader
-    except (ShardError, StorageError) as e:
-        lines = str(e).strip().splitlines()
-        if len(lines) == 1:
-            raise
-        last = lines[-1].split(f"{type(e).__name__}: ", 1)[-1]
-        raise type(e)(last, e.exit_code) from None
+        with closing(stream.batches(segments)) as batches:  # closes the shard being read when stopped early
+            for batch in batches:
+                if not _offer(out, batch, stop):
+                    return
+        _offer(out, _DONE, stop)
+    except BaseException as e:  # noqa: BLE001 - the consumer raises it, as if it had decoded the batch itself
+        _offer(out, e, stop)
+
+
+def _threaded_batches(stream: EvalStream, segments: tuple[Segment, ...], threads: int,
+                      prefetch: int = 2) -> Iterator[dict]:
+    """``stream``'s batches decoded by ``threads`` threads, thread ``k`` reading ``segments[k::threads]``,
+    each up to ``prefetch`` batches ahead of the consumer; in the order they are ready."""
+    out: queue.Queue = queue.Queue(maxsize=prefetch * threads)
+    stop = threading.Event()
+    workers = [threading.Thread(target=_decode_into, args=(stream, segments[k::threads], out, stop),
+                                name=f"eval-decode-{k}", daemon=True) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        running = threads
+        while running:
+            item = out.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item  # the thread's own exception: its one-line message, its traceback
+            else:
+                yield item
+    finally:
+        stop.set()  # the consumer is done, failed or stopped early: the threads end at their next put
+
+
+def eval_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, resize: int, batch_size: int,
+                 num_workers: int, ten_crop: bool = False) -> Iterator[dict]:
+    """The rank's share of the split (``eval_segments``) as batch dicts: ``images`` (uint8, [B,3,H,W],
+    or [B,10,3,H,W] with ``ten_crop``), ``labels`` and ``skipped``; every sample of the share in one.
+
+    ``num_workers`` decoding threads in this process (0: decoded in the caller's thread). Threads,
+    as for training: OpenCV decodes with the GIL released, and nothing is started per evaluation
+    but the threads themselves, which matters on small splits evaluated every epoch.
+    """
+    segments = eval_segments(split.sizes, world_size, rank)
+    stream = EvalStream(split, image_size, resize, batch_size, ten_crop)
+    threads = min(num_workers, len(segments))
+    if threads <= 0:
+        return stream.batches(segments)
+    return _threaded_batches(stream, segments, threads)

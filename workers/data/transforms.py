@@ -3,7 +3,7 @@
 Keeping CPU output uint8 quarters the bytes moved to the accelerator and skips the float
 conversion, the slowest part of torchvision's usual path. Every random choice comes from a
 generator seeded by the sample's position in the epoch, so a sample gets the same crop on any
-rank, in any DataLoader worker, after any restart.
+rank, on any decoding thread, after any restart.
 
 Decoding and resizing use OpenCV: its libjpeg-turbo decoder is a little faster than Pillow's and
 its SIMD resize several times faster, which together halve the CPU cost of a training sample.
@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 import torch
 
-cv2.setNumThreads(1)  # one decode per DataLoader process; threads would only fight over the cores
+from data_prep.images import DEFAULT_MAX_PIXELS
+
+cv2.setNumThreads(1)  # one decode per decoding thread; OpenCV's own threads would only fight over the cores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +38,9 @@ class CorruptSample(Exception):
 
 _REDUCED = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}
-_MAX_PIXELS = 4 * 89_478_485
+# The largest image decoded: a shard made with up to 4x the default --max-pixels still trains,
+# anything larger is taken for a decompression bomb.
+MAX_PIXELS = 4 * DEFAULT_MAX_PIXELS
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -80,7 +84,7 @@ def _imdecode(data: bytes, reduce: int) -> np.ndarray:
 def _decoded(data: bytes, width: int, height: int, scale: float) -> tuple[np.ndarray, float, float]:
     """RGB pixels, at 1/2, 1/4 or 1/8 size when ``scale`` (source pixels per output pixel) allows,
     and the factors that map full-size coordinates onto them."""
-    if width * height > _MAX_PIXELS:
+    if width * height > MAX_PIXELS:
         raise CorruptSample(f"image of {width}x{height} pixels refused")
     reduce = 1 << min(3, int(math.log2(scale))) if scale >= 2 else 1
     image = _imdecode(data, reduce)
@@ -99,7 +103,7 @@ def _crop(image: np.ndarray, sx: float, sy: float, box, out_w: int, out_h: int) 
     return cv2.resize(region, (out_w, out_h), interpolation=interpolation)
 
 
-def _decode_region(data: bytes, box, out_w: int, out_h: int) -> np.ndarray:
+def decode_region(data: bytes, box, out_w: int, out_h: int) -> np.ndarray:
     """Crop ``box`` (full-size pixels) resized to (out_w, out_h), decoding no more than needed."""
     width, height = image_size(data)
     scale = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)

@@ -1,16 +1,16 @@
 """Checkpoint directories: what a training state is made of, and when one counts as complete.
 
-Layout of one checkpoint directory (every rank's part, merged as Ray's storage holds it):
-- ``model.pt``, ``optimizer.pt`` (rank 0): state dicts, loaded with ``weights_only=True``;
-- ``state.json`` (rank 0): epoch, step, data position, schedule, metrics, the spec's identity;
-- ``rng-rank{r}.pt`` (every rank): that rank's torch / numpy / python RNG states;
-- ``complete-rank{r}.json`` (every rank but 0, written last of its part): size and CRC-32 of its file;
-- ``complete.json`` (rank 0, written **last**): sizes and CRC-32s of rank 0's files and the world
+Layout of one checkpoint directory (every rank's part, merged as Ray's storage holds it), its file
+names from ``alexray_core.runs``:
+- ``MODEL``, ``OPTIMIZER`` (rank 0): state dicts, loaded with ``weights_only=True``;
+- ``STATE`` (rank 0): epoch, step, data position, schedule, metrics, the spec's identity;
+- ``rng_file(r)`` (every rank): that rank's torch / numpy / python RNG states;
+- ``rank_record(r)`` (every rank but 0, written last of its part): size and CRC-32 of its file;
+- ``COMPLETE`` (rank 0, written **last**): sizes and CRC-32s of rank 0's files and the world
   size, so every other rank's record must be there too. A directory without them, or whose files
   disagree with them, is refused: a crash while writing never leaves a checkpoint that resume
   would pick up. Every file is fsynced before the record that covers it is written.
 """
-
 from __future__ import annotations
 
 import copy
@@ -22,12 +22,13 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from alexray_core.errors import AlexrayError
-from alexray_core.runs import COMPLETE
+from alexray_core.runs import COMPLETE, MODEL, OPTIMIZER, STATE, rank_record, rng_file
 
 FORMAT_VERSION = 2  # 2: every rank's files recorded (1: rank 0's only)
 
@@ -83,11 +84,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def rank_record(rank: int) -> str:
-    """The completeness record of a rank's part of a checkpoint (rank 0's is ``complete.json``)."""
-    return COMPLETE if rank == 0 else f"complete-rank{rank}.json"
-
-
 def _fsync_dir(directory: Path) -> None:
     """Make the directory's entries (new names, renames) durable, not only the files' bytes."""
     fd = os.open(directory, os.O_RDONLY)
@@ -122,31 +118,33 @@ def write_record(directory: Path, record: str, names: tuple[str, ...], **extra) 
 
 
 def save(directory: str | Path, rank: int, state: TrainState | None, model_state: dict | None,
-         optimizer_state: dict | None, delay_before_complete: float = 0.0, rng: dict | None = None,
-         world_size: int | None = None) -> None:
+         optimizer_state: dict | None, rng: dict | None = None, world_size: int | None = None, *,
+         before_complete: Callable[[], None] | None = None) -> None:
     """Write this rank's part of a checkpoint, each file fsynced, then its completeness record last.
 
     ``rng`` is the RNG state to record (default: this thread's, now); ``world_size``: the ranks
-    whose parts rank 0's record requires (default: ``state.world_size``).
+    whose parts rank 0's record requires (default: ``state.world_size``); ``before_complete``:
+    called with every file of the part written and its record not yet (``spec.debug``'s window
+    for crash tests, ``workers.training.debug_hooks``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng_name = f"rng-rank{rank}.pt"
+    rng_name = rng_file(rank)
     _torch_save(rng if rng is not None else rng_state(), directory / rng_name)
     if rank != 0:
-        if delay_before_complete:
-            time.sleep(delay_before_complete)
+        if before_complete is not None:
+            before_complete()
         write_record(directory, rank_record(rank), (rng_name,))
         return
     assert state is not None and model_state is not None and optimizer_state is not None
     # Straight to the files (an in-memory buffer would cost another copy of every tensor), then
     # checksummed from the page cache.
-    _torch_save(model_state, directory / "model.pt")
-    _torch_save(optimizer_state, directory / "optimizer.pt")
-    _write_text(directory / "state.json", json.dumps(asdict(state), indent=1, sort_keys=True))
-    if delay_before_complete:
-        time.sleep(delay_before_complete)  # a window for crash tests: everything written but the marker
-    write_record(directory, COMPLETE, ("model.pt", "optimizer.pt", "state.json", rng_name),
+    _torch_save(model_state, directory / MODEL)
+    _torch_save(optimizer_state, directory / OPTIMIZER)
+    _write_text(directory / STATE, json.dumps(asdict(state), indent=1, sort_keys=True))
+    if before_complete is not None:
+        before_complete()  # everything written but the record
+    write_record(directory, COMPLETE, (MODEL, OPTIMIZER, STATE, rng_name),
                  world_size=int(world_size if world_size is not None else state.world_size))
 
 
@@ -165,7 +163,7 @@ def _read_record(directory: Path, record: str, where: str, names: tuple[str, ...
 def check_complete(directory: str | Path, names: tuple[str, ...] | None = None, where: str | None = None) -> None:
     """Refuse a checkpoint without its completeness records or whose files differ from them.
 
-    ``names``: check only these files, which must be listed in ``complete.json`` (default: every
+    ``names``: check only these files, which must be listed in ``COMPLETE`` (default: every
     file of every rank); ``where``: the checkpoint's address in messages (default: the directory).
     """
     directory = Path(directory)
@@ -193,12 +191,12 @@ def check_complete(directory: str | Path, names: tuple[str, ...] | None = None, 
 
 def load_state(directory: str | Path) -> TrainState:
     check_complete(directory)
-    data = json.loads((Path(directory) / "state.json").read_text())
+    data = json.loads((Path(directory) / STATE).read_text())
     return TrainState(**data)
 
 
 def load_tensors(directory: str | Path, name: str, map_location="cpu") -> dict:
-    """Load ``model.pt`` / ``optimizer.pt`` without executing any pickled code."""
+    """Load ``MODEL`` / ``OPTIMIZER`` without executing any pickled code."""
     path = Path(directory) / name
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -210,7 +208,7 @@ def load_tensors(directory: str | Path, name: str, map_location="cpu") -> dict:
 
 
 def load_rng(directory: str | Path, rank: int) -> dict | None:
-    path = Path(directory) / f"rng-rank{rank}.pt"
+    path = Path(directory) / rng_file(rank)
     if not path.is_file():
         return None  # this rank did not exist when the checkpoint was taken (the run changed size)
     return torch.load(path, weights_only=True)
@@ -256,7 +254,8 @@ class BackgroundWriter:
     files and then calls each ``publish`` given to ``start``, in order, on the caller's thread (Ray's
     report must come from the training thread, on every rank at the same step). The training loop
     calls ``finish`` at the first step at which every rank's files are ``written``.
-    ``on_written(seconds, bytes)`` is called on the writer thread after each successful write.
+    ``on_written(seconds, bytes)`` is called on the writer thread after each successful write;
+    ``before_complete()`` on it too, before each part's completeness record (see ``save``).
 
     At most two checkpoints are in flight (two snapshots in memory): a third ``start`` first waits
     for the oldest and publishes it, as every ``start`` did before writes were queued.
@@ -264,20 +263,20 @@ class BackgroundWriter:
 
     MAX_IN_FLIGHT = 2
 
-    def __init__(self, on_written=None):
+    def __init__(self, on_written=None, before_complete: Callable[[], None] | None = None):
         self._writes: list[_Write] = []
         self._spare: tuple = (None, None)  # a published snapshot's tensors, overwritten by the next one
         self._on_written = on_written
+        self._before_complete = before_complete  # passed to each ``save``
 
     def start(self, directory: str, rank: int, state: TrainState, model_state: dict | None,
-              optimizer_state: dict | None, publish, delay_before_complete: float = 0.0) -> None:
+              optimizer_state: dict | None, publish) -> None:
         while len(self._writes) >= self.MAX_IN_FLIGHT:
             self._publish_oldest()
         spare, self._spare = self._spare, (None, None)
         tensors = (snapshot(model_state, spare[0]) if model_state is not None else None,
                    snapshot(optimizer_state, spare[1]) if optimizer_state is not None else None)
-        args = (directory, rank, copy.deepcopy(state) if rank == 0 else None, *tensors, delay_before_complete,
-                rng_state())
+        args = (directory, rank, copy.deepcopy(state) if rank == 0 else None, *tensors, rng_state())
         previous = self._writes[-1].thread if self._writes else None
         write = _Write(tensors, publish)
         write.thread = threading.Thread(target=self._run, args=(write, previous, args), name="checkpoint-writer",
@@ -294,7 +293,7 @@ class BackgroundWriter:
             if previous is not None:
                 previous.join()  # one write at a time: two would compete for the same idle time and disk
             started = time.perf_counter()
-            save(*args)
+            save(*args, before_complete=self._before_complete)
             if self._on_written is not None:
                 try:  # a monitoring hook never fails a checkpoint
                     self._on_written(time.perf_counter() - started,

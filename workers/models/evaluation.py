@@ -7,6 +7,7 @@ split evaluated on different ranks or Ray tasks add up to the whole split's numb
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -41,26 +42,37 @@ def evaluation_batches(split: SplitInfo, world_size: int, rank: int, image_size:
                        num_workers: int, ten_crop: bool = False, on_device: bool = False,
                        device: torch.device = torch.device("cpu")) -> Iterable[dict]:
     """The rank's share of ``split`` as ``count_predictions`` takes it: decoded by ``eval_batches``'
-    processes, or with ``on_device`` (``data.decode`` resolved by ``gpu_decode.decode_on_device``)
+    threads, or with ``on_device`` (``data.decode`` resolved by ``gpu_decode.decode_on_device``)
     by ``gpu_eval_batches`` on ``device``. The same dicts either way: uint8 images, host labels."""
     if on_device:
         return gpu_eval_batches(split, world_size, rank, image_size, resize, batch_size, ten_crop, device)
     return eval_batches(split, world_size, rank, image_size, resize, batch_size, num_workers, ten_crop)
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (dropout off, batch norm on its running statistics) for the block,
+    then back in the mode it was in: ``count_predictions`` needs it and leaves the mode alone."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def count_predictions(model: torch.nn.Module, batches: Iterable[dict], num_classes: int,
                       device: torch.device = torch.device("cpu"), channels_last: bool = False,
                       use_bf16: bool = False, progress: Callable[[int], None] | None = None) -> EvalCounts:
-    """Counts over ``batches`` (``evaluation_batches``' dicts, images on the host or on ``device``)
-    with the model in eval mode.
+    """Counts over ``batches`` (``evaluation_batches``' dicts, images on the host or on ``device``);
+    the caller puts the model in eval mode (``eval_mode``).
 
     ``progress(n)`` is called after each batch with the samples it held, skipped ones included.
     """
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     top5_hits = np.zeros(num_classes, dtype=np.int64)
     skipped = 0
-    model.eval()
     for batch in batches:
         skipped += batch["skipped"]
         labels = batch["labels"]

@@ -2,10 +2,10 @@
 
 A checkpoint is named by its directory (Ray's ``checkpoint_e..._s...`` or a run's ``best/``) or by
 its run directory (``best/`` if there is one, else the newest complete checkpoint), local or
-``s3://``. Only ``model.pt`` and ``state.json`` are read, each checked against ``complete.json``
-(sizes and CRC-32s) first; the weights load with ``weights_only=True``, so a file that is not a
-checkpoint is refused and no pickled code ever runs. ``state.json``'s ``model`` entry (name, width,
-classes, image size) rebuilds the network.
+``s3://``. Only the weights and the training state (``alexray_core.runs.MODEL_FILES``) are read,
+each checked against the checkpoint's completeness record (sizes and CRC-32s) first; the weights
+load with ``weights_only=True``, so a file that is not a checkpoint is refused and no pickled code
+ever runs. The state's ``model`` entry (name, width, classes, image size) rebuilds the network.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from alexray_core import runs
 from alexray_core.errors import AlexrayError
-from alexray_core.storage import open_storage
+from alexray_core.storage import absolute_location, open_storage
 from alexray_core.storage.api import is_s3_url
 from workers.models import checkpoint_format as ckpt
 from workers.models.architectures import build_model
@@ -31,10 +31,10 @@ log = logging.getLogger("alexray.inference")
 
 @dataclass
 class LoadedModel:
-    """A checkpoint's network in eval mode, with what ``state.json`` says about it."""
+    """A checkpoint's network in eval mode, with what its training state says about it."""
 
     model: torch.nn.Module
-    info: dict  # state.json's "model": name, num_classes, width, kwargs, classes, image_size, eval_resize
+    info: dict  # the training state's "model": name, num_classes, width, kwargs, classes, image_size, eval_resize
     source: str  # the checkpoint directory actually read (a run directory resolved to best/ or newest)
 
     @property
@@ -63,10 +63,10 @@ def _local_candidates(path: Path) -> list[Path]:
     if not path.exists():
         raise ckpt.CheckpointError(f"{path} does not exist: pass a checkpoint directory or a run directory")
     if path.is_file():
-        if (path.parent / runs.COMPLETE).is_file() and path.name in (*runs.MODEL_FILES, "optimizer.pt", runs.COMPLETE):
+        if (path.parent / runs.COMPLETE).is_file() and path.name in (*runs.MODEL_FILES, runs.OPTIMIZER, runs.COMPLETE):
             return [path.parent]
-        raise ckpt.CheckpointError(f"{path} is a file, not a checkpoint: pass the directory holding model.pt, "
-                                   f"state.json and {runs.COMPLETE}, or the run directory")
+        raise ckpt.CheckpointError(f"{path} is a file, not a checkpoint: pass the directory holding {runs.MODEL}, "
+                                   f"{runs.STATE} and {runs.COMPLETE}, or the run directory")
     return [path / prefix for prefix in _candidates(str(path))]
 
 
@@ -105,7 +105,7 @@ def checkpoint_dir(location: str, names: tuple[str, ...] = runs.MODEL_FILES) -> 
                 yield Path(tmp), where
                 return
     else:
-        path = Path(location).expanduser().absolute()
+        path = Path(absolute_location(location))
         for candidate in _local_candidates(path):
             try:
                 ckpt.check_complete(candidate, names, str(candidate))
@@ -127,21 +127,21 @@ def _skipped(errors: list[str]) -> None:
 
 
 def read_info(directory: Path, where: str) -> dict:
-    """state.json's description of the model; refuses checkpoints that do not have one."""
+    """The training state's description of the model; refuses checkpoints that do not have one."""
     try:
-        state = json.loads((directory / "state.json").read_text())
+        state = json.loads((directory / runs.STATE).read_text())
     except (OSError, ValueError):
-        raise ckpt.CheckpointError(f"{where}/state.json is not readable JSON: not an alexray checkpoint") from None
+        raise ckpt.CheckpointError(f"{where}/{runs.STATE} is not readable JSON: not an alexray checkpoint") from None
     info = state.get("model") if isinstance(state, dict) else None
     if not isinstance(info, dict) or not {"name", "num_classes", "width"} <= set(info):
-        raise ckpt.CheckpointError(f"{where}/state.json does not describe its model (name, num_classes, width): "
+        raise ckpt.CheckpointError(f"{where}/{runs.STATE} does not describe its model (name, num_classes, width): "
                                    "it was not written by 'alexray train'; pass a training checkpoint")
     return info
 
 
 def checkpoint_info(location: str) -> tuple[dict, str]:
-    """The model description of a checkpoint and its resolved address, reading only state.json."""
-    with checkpoint_dir(location, ("state.json",)) as (directory, where):
+    """The model description of a checkpoint and its resolved address, reading only its training state."""
+    with checkpoint_dir(location, (runs.STATE,)) as (directory, where):
         return read_info(directory, where), where
 
 
@@ -153,15 +153,15 @@ def build_from_info(info: dict, where: str) -> torch.nn.Module:
 
 
 def load_weights(model: torch.nn.Module, directory: Path, where: str, info: dict) -> dict:
-    """model.pt's tensors (weights_only), checked to fit ``model``; returns them."""
-    tensors = ckpt.load_tensors(directory, "model.pt")
+    """The checkpoint's weights (weights_only), checked to fit ``model``; returns them."""
+    tensors = ckpt.load_tensors(directory, runs.MODEL)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ckpt.CheckpointError(f"{where}/model.pt holds no state dict of tensors: not an alexray checkpoint")
+        raise ckpt.CheckpointError(f"{where}/{runs.MODEL} holds no state dict of tensors: not an alexray checkpoint")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:240]
-        raise ckpt.CheckpointError(f"{where}/model.pt does not fit the {describe(info)} its state.json describes "
+        raise ckpt.CheckpointError(f"{where}/{runs.MODEL} does not fit the {describe(info)} its {runs.STATE} describes "
                                    f"({detail}): the weights come from another model; use the checkpoint they were "
                                    "saved with") from None
     return tensors
@@ -178,10 +178,9 @@ def load_checkpoint(location: str) -> LoadedModel:
 
 
 def run_data_path(location: str) -> str | None:
-    """The dataset the checkpoint's run trained on (its run's spec.json), when that can be found."""
+    """The dataset the checkpoint's run trained on (in its run's spec), when that can be found."""
     location = str(location).rstrip("/")
-    if not is_s3_url(location):
-        location = str(Path(location).expanduser().absolute())
+    location = absolute_location(location)
     candidates = [location]
     for _ in range(2):  # {run}/checkpoint_x, {run}/best and {run}/checkpoints/checkpoint_x
         parent = location.rpartition("/")[0]
@@ -192,8 +191,8 @@ def run_data_path(location: str) -> str | None:
     for candidate in candidates:
         try:
             storage = open_storage(candidate)
-            if storage.exists("spec.json"):
-                path = json.loads(storage.read_bytes("spec.json")).get("data", {}).get("path")
+            if storage.exists(runs.SPEC):
+                path = json.loads(storage.read_bytes(runs.SPEC)).get("data", {}).get("path")
                 return path or None
         except Exception:  # noqa: BLE001 - only a convenience: the caller asks for --data instead
             return None

@@ -197,18 +197,18 @@ def load_backbone(model: nn.Module, spec: JobSpec) -> str:
     with checkpoint_dir(spec.finetune.from_checkpoint) as (directory, where):
         info = read_info(directory, where)
         check_source(info, spec, where)
-        tensors = ckpt.load_tensors(directory, "model.pt")
+        tensors = ckpt.load_tensors(directory, ckpt.MODEL)
     backbone = {k: v for k, v in tensors.items() if not k.startswith(f"{head}.")}
     try:
         result = model.load_state_dict(backbone, strict=False)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:240]
-        raise ckpt.CheckpointError(f"{FIELD}: {where}/model.pt does not fit {describe(info)} "
+        raise ckpt.CheckpointError(f"{FIELD}: {where}/{ckpt.MODEL} does not fit {describe(info)} "
                                    f"({detail}); use the checkpoint its weights were saved with") from None
     missing = [k for k in result.missing_keys if not k.startswith(f"{head}.")]
     if missing or result.unexpected_keys:
         odd = (missing or result.unexpected_keys)[0]
-        raise ckpt.CheckpointError(f"{FIELD}: {where}/model.pt does not fit {describe(info)} "
+        raise ckpt.CheckpointError(f"{FIELD}: {where}/{ckpt.MODEL} does not fit {describe(info)} "
                                    f"({'missing' if missing else 'unexpected'} {odd}); use the checkpoint its "
                                    "weights were saved with")
     return where

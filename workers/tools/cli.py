@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -200,14 +199,14 @@ def _predict(args, prog: str) -> int:
 
 def _finetune(args, prog: str) -> int:
     from alexray_core.spec import load_spec, torchvision_source
-    from alexray_core.storage.api import is_s3_url
+    from alexray_core.storage import absolute_location
     from workers.models.loading import checkpoint_info
     from workers.models.pretrained import check_source, check_weights_source
     from workers.training.cli import main as train_main
 
     source = args.source
-    if not is_s3_url(source) and torchvision_source(source) is None:
-        source = os.path.abspath(os.path.expanduser(source))
+    if torchvision_source(source) is None:
+        source = absolute_location(source)
     overrides = [*args.overrides, f"finetune.from_checkpoint={json.dumps(source)}"]
     if args.freeze_features:
         overrides.append("finetune.freeze_features=true")

@@ -1,11 +1,7 @@
 """Trained models at work: open a checkpoint as a model, evaluate it on a split, classify new images.
 
-A checkpoint is named by its directory (Ray's ``checkpoint_e..._s...`` or a run's ``best/``) or by
-its run directory (``best/`` if there is one, else the newest complete checkpoint), local or
-``s3://``. Only ``model.pt`` and ``state.json`` are read, each checked against ``complete.json``
-(sizes and CRC-32s) first; the weights load with ``weights_only=True``, so a file that is not a
-checkpoint is refused and no pickled code ever runs. ``state.json``'s ``model`` entry (name, width,
-classes, image size) rebuilds the network.
+A checkpoint is named by its directory or by its run directory, local or ``s3://``, and opened
+by ``workers.models.loading``, which checks its files before loading and never runs pickled code.
 
 Evaluation counts every sample of the split exactly once, in this process or split over Ray tasks
 (``eval_segments`` gives each task a contiguous share), and keeps the full confusion matrix, so
@@ -25,12 +21,12 @@ import numpy as np
 import torch
 
 from alexray_core.errors import AlexrayError
-from alexray_core.storage import open_storage
+from alexray_core.storage import absolute_location, open_storage
 from alexray_core.storage.api import is_s3_url
 from workers.data.loader import SplitInfo, eval_batches, load_manifest, split_info
 from workers.data.transforms import CorruptSample, eval_image
 from workers.models.architectures import class_probabilities
-from workers.models.evaluation import count_predictions
+from workers.models.evaluation import count_predictions, eval_mode
 from workers.models.loading import LoadedModel, build_from_info, describe
 
 log = logging.getLogger("alexray.inference")
@@ -44,7 +40,7 @@ class EvalOptions:
     split: str = "val"  # the split of the dataset to evaluate on
     ten_crop: bool = False  # average the predictions of the paper's 10 crops (corners, centre, flips)
     batch_size: int = 64  # images per forward pass
-    num_workers: int = 2  # decoding processes per evaluating process (0: decode in the process itself)
+    num_workers: int = 2  # decoding threads per evaluating process (0: decode on the calling thread)
     worst: int = 10  # classes listed in the report's confusion summary
 
 
@@ -69,7 +65,8 @@ def evaluate_part(model: torch.nn.Module, info: dict, split: SplitInfo, parts: i
     resize = int(info.get("eval_resize") or size)
     batches = eval_batches(split, parts, index, size, resize, options.batch_size, options.num_workers,
                            options.ten_crop)
-    counts = count_predictions(model, batches, int(info["num_classes"]), progress=progress)
+    with eval_mode(model):  # a Ray task's rebuilt model is in train mode
+        counts = count_predictions(model, batches, int(info["num_classes"]), progress=progress)
     return {"confusion": counts.confusion, "top5_hits": counts.top5_hits, "skipped": counts.skipped}
 
 
@@ -153,7 +150,7 @@ def evaluate(loaded: LoadedModel, data: str, options: EvalOptions, address: str 
     """Exact top-1/top-5 and per-class counts of the model on ``data``'s split, as a report dict."""
     from tqdm import tqdm
 
-    data = data.rstrip("/") if is_s3_url(data) else str(Path(data).expanduser().absolute())
+    data = data.rstrip("/") if is_s3_url(data) else absolute_location(data)
     split = split_info(data, load_manifest(data), options.split)
     check_classes(loaded, split, data)
     started = time.perf_counter()
@@ -213,43 +210,14 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Callable[[], bytes] | No
     return out
 
 
-def sample_bytes(data: bytes) -> bytes:
-    """An image file's bytes as the RGB JPEG sharding would store for it (``data_prep.images``).
-
-    The format comes from the bytes: a complete upright RGB JPEG is kept as it is; CMYK and
-    grayscale JPEGs, PNGs (transparency on white), EXIF-rotated images and other formats become
-    upright RGB JPEGs, exactly as sharding turns them into training samples. Truncated and
-    non-image files raise ``RejectedImage`` with the reason.
-    """
-    from data_prep.images import (
-        _EOI,
-        CONVERT,
-        DEFAULT_MAX_PIXELS,
-        ImageOptions,
-        Probe,
-        RejectedImage,
-        _displayed_size,
-        _orientation,
-        open_image,
-        prepare_image,
-    )
-
-    if not data:
-        raise RejectedImage("empty file (0 bytes)")
-    image = open_image(data, DEFAULT_MAX_PIXELS)
-    orientation = _orientation(image)
-    if (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
-            and data[-16:].rstrip(b"\x00").endswith(_EOI)):
-        return data  # probe_image's "keep": sharding stores such a file as it is
-    width, height = _displayed_size(image, orientation)
-    return prepare_image(data, Probe(CONVERT, width=width, height=height), ImageOptions())[0]
-
-
 def image_crops(data: bytes, size: int, resize: int, ten_crop: bool = False) -> np.ndarray:
     """An image file's bytes as evaluation crops (HWC uint8, or a (10, H, W, C) stack): the file
     becomes the sample sharding would store, cropped by evaluation's own ``eval_image``, so a
-    file is classified as its sample is evaluated. Undecodable samples raise ``CorruptSample``."""
-    return eval_image(sample_bytes(data), size, resize, ten_crop)
+    file is classified as its sample is evaluated. Undecodable samples raise ``CorruptSample``, files
+    that are no image ``RejectedImage``."""
+    from data_prep.images import sample_jpeg
+
+    return eval_image(sample_jpeg(data), size, resize, ten_crop)
 
 
 @torch.no_grad()

@@ -32,21 +32,23 @@ log = logging.getLogger("alexray.checkpoint")
 class CheckpointManager:
     """``session``: where checkpoints are published (``Session.save_checkpoint``); ``all_reduce_sum(values)``
     sums ``values`` over the ranks; ``state`` is the run's ``TrainState``, updated in place by the
-    loop and recorded (with the schedule's state) at each ``save``."""
+    loop and recorded (with the schedule's state) at each ``save``; ``before_complete``: called on
+    the writer thread before each part's completeness record (``DebugHooks.before_checkpoint_complete``)."""
 
     MAX_PENDING_UPLOADS = 4  # checkpoint copies of one worker waiting on the local disk for Ray's upload
 
     def __init__(self, session, store: RunStore, state: ckpt.TrainState, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, schedule, *, attempt: int,
-                 all_reduce_sum: Callable[[list[float]], list[float]], async_upload: bool, delay: float = 0.0,
-                 on_written: Callable[[float, int], None] | None = None, ledger=None):
+                 all_reduce_sum: Callable[[list[float]], list[float]], async_upload: bool,
+                 on_written: Callable[[float, int], None] | None = None,
+                 before_complete: Callable[[], None] | None = None, ledger=None):
         self.session, self.store, self.state = session, store, state
         # the time the loop spends in these calls is the checkpoint's stall (workers.training.ledger)
         self.stall = (lambda: ledger.charging(CHECKPOINT_STALL)) if ledger is not None else contextlib.nullcontext
         self.ledger = ledger
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.attempt, self.all_reduce_sum, self.async_upload, self.delay = attempt, all_reduce_sum, async_upload, delay
-        self.writer = ckpt.BackgroundWriter(on_written=on_written)
+        self.attempt, self.all_reduce_sum, self.async_upload = attempt, all_reduce_sum, async_upload
+        self.writer = ckpt.BackgroundWriter(on_written=on_written, before_complete=before_complete)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -70,7 +72,7 @@ class CheckpointManager:
         with self.stall():
             self.writer.start(directory, rank, state, self.model.state_dict() if rank == 0 else None,
                               self.optimizer.state_dict() if rank == 0 else None,
-                              lambda: self.session.save_checkpoint(directory, name, report, upload_async), self.delay)
+                              lambda: self.session.save_checkpoint(directory, name, report, upload_async))
             if now:
                 self.writer.finish()
             if self.ledger is not None:

@@ -3,8 +3,8 @@
 - after each step: record the step's sample keys (``sample_log``), then sleep ``step_delay``
   (tests that kill a run mid-epoch need the epoch to last);
 - at each checkpoint and at the end of each epoch: write the recorded keys to the run directory;
-- ``checkpoint_delay``: how long the checkpoint writer waits before marking a checkpoint complete
-  (the window crash tests kill it in).
+- before each rank's part of a checkpoint is marked complete, on the writer thread: sleep
+  ``checkpoint_delay`` (the window crash tests kill it in; ``CheckpointManager``'s ``before_complete``).
 
 None of them changes what is trained: the same weights come out with or without them.
 """
@@ -23,9 +23,10 @@ class DebugHooks:
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.samples: list[dict] = []  # this rank's steps since the last flush
 
-    @property
-    def checkpoint_delay(self) -> float:
-        return self.debug.checkpoint_delay
+    def before_checkpoint_complete(self) -> None:
+        """Called on the checkpoint writer's thread with a part's files written and its record not yet."""
+        if self.debug.checkpoint_delay:
+            time.sleep(self.debug.checkpoint_delay)
 
     def after_step(self, step: int, keys: list[str]) -> None:
         if self.debug.sample_log:

@@ -20,6 +20,8 @@ from alexray_core.errors import EXIT_FAILED, AlexrayError
 from alexray_core.goodput import process_start_time
 from alexray_core.localcluster import LOOPBACK_ONLY, use_private_token
 from alexray_core.spec import JobSpec, check_same_job, new_run_name
+from alexray_core.storage import absolute_location
+from alexray_core.storage.api import s3_endpoint, s3_region
 from data_prep.manifest import check_dataset
 from workers.training.ledger import close_account, open_account
 from workers.training.run_store import RunStore
@@ -32,13 +34,13 @@ def run_dir_of(spec: JobSpec) -> str:
 
 
 def ray_storage(storage: str):
-    """(storage_path, storage_filesystem) for Ray's RunConfig, honouring AWS_ENDPOINT_URL for s3://."""
+    """(storage_path, storage_filesystem) for Ray's RunConfig, on the same S3 endpoint as boto3 for s3://."""
     if not storage.startswith("s3://"):
-        return os.path.abspath(os.path.expanduser(storage)), None
+        return absolute_location(storage), None
     import pyarrow.fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = s3_endpoint()
+    kwargs = {"region": s3_region()}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -47,8 +49,7 @@ def ray_storage(storage: str):
 
 def prepare_run(spec: JobSpec) -> str:
     """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
-    if not spec.data.path.startswith("s3://"):
-        spec.data.path = os.path.abspath(os.path.expanduser(spec.data.path))  # workers run elsewhere
+    spec.data.path = absolute_location(spec.data.path)
     check_dataset(spec.data.path, spec.data.train_split, spec.data.val_split, spec.model.num_classes)
     if spec.run.name is None:
         spec.run.name = new_run_name(spec.model.name)

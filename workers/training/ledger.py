@@ -2,8 +2,9 @@
 
 The loop says which category it enters (``enter``, ``charging``, ``timed``); the time since the
 last change goes to the category it leaves, so the ledger's seconds always add up to the worker's
-wall time. Per step that is two clock reads under an uncontended lock; the counter Prometheus
-scrapes is computed from the ledger at scrape time, on the endpoint's thread.
+wall time. Per step that is two clock reads under an uncontended lock, which also time the step
+and its data wait for Prometheus (``timed``'s ``on_step``); the counter Prometheus scrapes is
+computed from the ledger at scrape time, on the endpoint's thread.
 
 The ledger is written to ``goodput/ledger-aATTEMPT-rRANK.json`` in the run directory at the
 progress lines (at most every ``PERSIST_EVERY_S``), at each checkpoint and at the end: what a
@@ -16,6 +17,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 from prometheus_client.core import CounterMetricFamily
 
@@ -69,11 +71,13 @@ class Ledger:
 
     # ---- the loop's calls ---------------------------------------------------------------------------
 
-    def enter(self, category: str) -> None:
+    def enter(self, category: str) -> float:
+        """Charge the time since the last change to the category left; returns the clock reading."""
         with self._lock:
             now = self._clock()
             self.seconds[self._category] += now - self._since
             self._category, self._since = category, now
+        return now
 
     @contextmanager
     def charging(self, category: str):
@@ -90,25 +94,32 @@ class Ledger:
         if self._category not in (g.STARTUP, g.RECOVERY, g.PREEMPTION):
             self.enter(g.DATA_WAIT)
 
-    def timed(self, batches, step: int):
+    def timed(self, batches, step: int, on_step: Callable[[float, float], None] | None = None):
         """Yield the batches, charging the wait for each to data wait (the first one to this
         start's first category) and the step that follows to productive or lost work; ``step`` is
-        the global step the first batch will be."""
+        the global step the first batch will be.
+
+        ``on_step(seconds, waited)``, after each step: its wall time, the wait for its batch
+        included, and that wait, from the clock readings the ledger charged (the Prometheus step
+        and data-wait series: ``WorkerMetrics.observe_step``). The wait for the end of the data is
+        charged here but reported to no step."""
         iterator = iter(batches)
         first = self._category in (g.STARTUP, g.RECOVERY, g.PREEMPTION)
+        begin = self._clock() if first else self.enter(g.DATA_WAIT)
         try:
             while True:
-                if not first:
-                    self.enter(g.DATA_WAIT)
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     return
-                first = False
                 step += 1
                 self.step = step
-                self.enter(g.LOST_WORK if step <= self.high_water else g.PRODUCTIVE)
+                got = self.enter(g.LOST_WORK if step <= self.high_water else g.PRODUCTIVE)
                 yield batch
+                end = self.enter(g.DATA_WAIT)
+                if on_step is not None:
+                    on_step(end - begin, got - begin)
+                begin = end
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:

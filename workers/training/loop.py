@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from alexray_core import goodput
-from alexray_core.spec import JobSpec, SpecError, check_resumed_identity, spec_from_dict
+from alexray_core.spec import JobSpec, check_resumed_identity, spec_from_dict
 from alexray_core.spec import run_identity as identity
+from data_prep.manifest import check_num_classes
 from workers.data.gpu_decode import decode_on_device, gpu_train_batches
 from workers.data.loader import (
     SplitInfo,
@@ -42,7 +43,7 @@ from workers.data.sampling import EpochPlan, plan_epoch
 from workers.data.transforms import to_model_input
 from workers.models import checkpoint_format as ckpt
 from workers.models.architectures import build_model, model_kwargs
-from workers.models.evaluation import count_predictions, evaluation_batches
+from workers.models.evaluation import count_predictions, eval_mode, evaluation_batches
 from workers.models.flops import device_peak_flops, mfu, training_flops_per_sample
 from workers.models.pretrained import load_backbone, param_groups
 from workers.training.checkpoints import CheckpointManager
@@ -217,11 +218,9 @@ class Run:
 def _load_splits(spec: JobSpec) -> tuple[SplitInfo, SplitInfo | None]:
     d = spec.data
     manifest = load_manifest(d.path)
+    check_num_classes(manifest, spec.model.num_classes, d.path)
     train_split = split_info(d.path, manifest, d.train_split, d.verify_shards)
     val_split = split_info(d.path, manifest, d.val_split, d.verify_shards) if d.val_split else None
-    num_classes = spec.model.num_classes or train_split.num_classes
-    if num_classes != train_split.num_classes:
-        raise SpecError(f"model.num_classes: {num_classes} but the dataset has {train_split.num_classes} classes")
     return train_split, val_split
 
 
@@ -259,8 +258,8 @@ def _resume(spec: JobSpec, session: Session, store: RunStore, model, optimizer,
     with restored as directory:
         state = ckpt.load_state(directory)
         check_resumed_identity(state.identity, spec)
-        model.load_state_dict(ckpt.load_tensors(directory, "model.pt", session.device))
-        optimizer.load_state_dict(ckpt.load_tensors(directory, "optimizer.pt", session.device))
+        model.load_state_dict(ckpt.load_tensors(directory, ckpt.MODEL, session.device))
+        optimizer.load_state_dict(ckpt.load_tensors(directory, ckpt.OPTIMIZER, session.device))
         schedule.load_state_dict(state.schedule)
         rng = ckpt.load_rng(directory, rank)
         if rng is not None and state.world_size == world:
@@ -409,6 +408,11 @@ def _step(run: Run, batch, any_samples: bool, checkpoints: CheckpointManager) ->
             loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+    # Outside both `if any_samples`: every rank calls this at every step, samples or not, so its
+    # collectives (the written-agreement all-reduce, Ray's report barrier) come in the same order on
+    # every rank, after the gradient all-reduce that backward makes; and before this step's
+    # _checkpoint_if_due, so a checkpoint every rank has written is published before the next is
+    # taken. Before or after optimizer.step publishes the same: the snapshot was taken at `save`.
     checkpoints.maybe_publish()
     if any_samples:
         run.optimizer.step()
@@ -453,8 +457,9 @@ def train_one_epoch(run: Run, epoch: int, checkpoints: CheckpointManager, hooks:
     window, skipped, finished = _ProgressWindow(), 0, False
     rank_samples = plan.steps * (t.global_batch_size // run.world)
     run.ledger.wait_for_data()
-    batches = run.ledger.timed(_train_batches(run, plan, start_step), state.global_step)
-    with contextlib.closing(run.meter.timed(batches)) as batches:
+    # one timer: the ledger's readings of each wait and step also feed the Prometheus series
+    batches = run.ledger.timed(_train_batches(run, plan, start_step), state.global_step, run.meter.observe_step)
+    with contextlib.closing(batches) as batches:
         for batch in batches:
             skipped += batch.skipped
             any_samples = _agree_to_step(run, batch, epoch, skipped, rank_samples)
@@ -491,13 +496,13 @@ def validate(run: Run) -> dict:
                                  batch_size=max(1, spec.train.global_batch_size // run.world),
                                  num_workers=d.num_workers, ten_crop=d.ten_crop, on_device=run.device_decode,
                                  device=session.device)
-    counts = count_predictions(run.model, batches, run.train_split.num_classes, session.device, run.channels_last,
-                               run.use_bf16)
+    with eval_mode(run.model):
+        counts = count_predictions(run.model, batches, run.train_split.num_classes, session.device,
+                                   run.channels_last, run.use_bf16)
     c1, c5, n, s = run.all_reduce_sum([counts.correct_top1, counts.correct_top5, counts.samples, counts.skipped])
     if s > d.max_skipped_fraction * split.samples:  # every rank sees the same sums: all stop together
         raise too_many_skipped(f"{int(s)} of the {split.samples} samples of the val split",
                                d.max_skipped_fraction, d.path)
-    run.model.train()
     return {"val_top1": c1 / n if n else 0.0, "val_top5": c5 / n if n else 0.0, "val_samples": int(n),
             "val_skipped": int(s)}
 
@@ -540,8 +545,8 @@ def train_loop(spec: JobSpec, run_dir: str, session: Session, submitted: float |
     hooks = DebugHooks(spec.debug, run.store, run.rank, run.world, run.attempt)
     with CheckpointManager(session, run.store, run.state, run.model, run.optimizer, run.schedule,
                            attempt=run.attempt, all_reduce_sum=run.all_reduce_sum, async_upload=spec.checkpoint.async_upload,
-                           delay=hooks.checkpoint_delay, on_written=run.meter.checkpoint_written,
-                           ledger=ledger) as checkpoints:
+                           on_written=run.meter.checkpoint_written,
+                           before_complete=hooks.before_checkpoint_complete, ledger=ledger) as checkpoints:
         for epoch in range(run.state.epoch, spec.train.epochs):
             if spec.train.max_steps and run.state.global_step >= spec.train.max_steps:
                 break  # resumed at (or past) max_steps: its checkpoint holds the finished run

@@ -2,7 +2,7 @@
 
 Every series is labelled ``run``, ``rank`` and ``node`` (the node's IP), nothing else that could
 grow: no sample keys, paths or step numbers in labels. Per step the loop pays a few lock-protected
-additions (``timed``, ``trained``): no I/O, no Ray call. Values are read only when Prometheus
+additions (``observe_step``, ``trained``): no I/O, no Ray call. Values are read only when Prometheus
 scrapes, on the HTTP server's thread. GPU memory is read at scrape time too.
 
 How Prometheus finds the endpoint: ``alexray_core.discovery``. ``ALEXRAY_METRICS=0`` turns it off.
@@ -39,8 +39,8 @@ class NullMetrics:
 
     address = None
 
-    def timed(self, batches):
-        return batches
+    def observe_step(self, seconds: float, waited: float) -> None:
+        pass
 
     def trained(self, images: int, loss: float | None, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
         pass
@@ -125,27 +125,13 @@ class WorkerMetrics(NullMetrics):
         self.address = self._endpoint.address
         return self.address
 
-    def timed(self, batches):
-        """Yield the batches, measuring the wait for each and the whole step around it."""
-        clock, wait, step = time.perf_counter, self._wait.inc, self._step_seconds.observe
-        iterator = iter(batches)
-        try:
-            while True:
-                begin = clock()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-                waited = clock() - begin
-                yield batch
-                # Both at the step's end, step first: a scrape never sees more waiting than stepping,
-                # so the data-wait ratio stays within [0, 1].
-                step(clock() - begin)
-                wait(waited)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+    def observe_step(self, seconds: float, waited: float) -> None:
+        """One step's wall time, the wait for its batch included, and that wait, as the goodput
+        ledger timed and charged them (``Ledger.timed`` calls this): one clock for both."""
+        # Step first: a scrape never sees more waiting than stepping, so the data-wait ratio stays
+        # within [0, 1].
+        self._step_seconds.observe(seconds)
+        self._wait.inc(waited)
 
     def trained(self, images: int, loss: float | None, lr: float, epoch: int, step: int, skipped: int = 0) -> None:
         """One step's figures; ``loss`` None: not read this step (the loop reads it every train.log_every)."""

@@ -23,22 +23,13 @@ from pathlib import Path
 import torch
 
 from alexray_core import runs
+from alexray_core.processes import alive
 from alexray_core.storage import LocalStorage, open_storage
 from workers.models import checkpoint_format as ckpt
 
 log = logging.getLogger("alexray.runstore")
 
 _SCRATCH_NAME = re.compile(r"[a-z]+-(?P<host>.+)-p(?P<pid>\d+)-[^-]+")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class Resume:
@@ -95,7 +86,7 @@ class RunStore(runs.RunFiles):
             return 0
         for entry in self.scratch_root.iterdir():
             match = _SCRATCH_NAME.fullmatch(entry.name)
-            if match and match["host"] == host and not _alive(int(match["pid"])):
+            if match and match["host"] == host and not alive(int(match["pid"])):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
@@ -187,11 +178,11 @@ class RunStore(runs.RunFiles):
 
     def publish_checkpoint(self, local_dir: str, target: str, keep: int) -> None:
         """Move a checkpoint from scratch to ``target`` in the run directory, every rank's record
-        after its files and ``complete.json`` last, then drop the oldest beyond ``keep`` (for runs
+        after its files and rank 0's last, then drop the oldest beyond ``keep`` (for runs
         without Ray; Ray does both for runs on Ray)."""
         local = Path(local_dir)
         names = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
-        records = [n for n in names if n.startswith("complete-rank")] + [ckpt.COMPLETE]
+        records = [n for n in names if runs.is_rank_record(n)] + [runs.COMPLETE]
         self._delete_checkpoint(target)  # a checkpoint of the same name stops counting before it is replaced
         for name in [n for n in names if n not in records] + records:
             self._put_durably(f"{target}/{name}", local / name)
@@ -267,8 +258,8 @@ class RunStore(runs.RunFiles):
         tmp = self.scratch_dir("best")
         try:
             ckpt.save(tmp, 0, state, model_state, {}, world_size=1)  # rank 0's files only
-            for name in ("model.pt", "optimizer.pt", "state.json", "rng-rank0.pt", ckpt.COMPLETE):
-                self._put_durably(runs.BEST + name, Path(tmp) / name)  # complete.json goes last
+            for name in (runs.MODEL, runs.OPTIMIZER, runs.STATE, runs.rng_file(0), runs.COMPLETE):
+                self._put_durably(runs.BEST + name, Path(tmp) / name)  # the completeness record goes last
             self.write_json(runs.BEST_METRICS, metrics)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
