@@ -37,8 +37,13 @@ deps-chromium:
 
 system-deps: deps-prometheus deps-chromium
 
+# Two pytest-xdist workers, each taking whole files (module-scoped clusters start once) in the
+# order tests/conftest.py gives (the longest files first): on 2 cores the suite's waits for Ray,
+# SeaweedFS and kills overlap the other worker's work. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install system-deps
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The tests that start no SeaweedFS, Ray, Prometheus or chromium and train only briefly (tests/conftest.py
 # marks the rest heavy).
