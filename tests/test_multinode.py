@@ -104,7 +104,11 @@ def nodes(tmp_path_factory, s3_server):
         # finds them all at teardown.
         env.setenv("HOME", str(tmp_path_factory.mktemp("multinode-home")))
         for name, value in {**s3_server.env(), MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0",
-                            "RAY_DEDUP_LOGS": "0"}.items():
+                            "RAY_DEDUP_LOGS": "0",
+                            # Ray's own default, not the suite's faster poll (tests/conftest.py): a
+                            # controller that polls sooner than the drain notice reaches it takes a
+                            # drained node's loss for a plain failure, not a preemption
+                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}.items():
             env.setenv(name, value)
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
             env.delenv(name, raising=False)
