@@ -181,9 +181,8 @@ def test_a_killed_worker_counts_a_restart_and_throughput_continues(monitored):
 
     wait_until(restarted_and_training, 180, "the restarted workers to train", monitored.proc, _driver_log)
     # the recording rule runs on Prometheus' own evaluation interval, after the scrape that saw the restart
-    wait_until(lambda: prom.scalar_by(f"run:alexray_worker_restarts:max{{{SEL}}}", "") and
-               next(iter(prom.scalar_by(f"run:alexray_worker_restarts:max{{{SEL}}}", "").values())) == 1, 60,
-               "the recording rule to count the restart", monitored.proc, _driver_log)
+    wait_until(lambda: list(prom.scalar_by(f"run:alexray_worker_restarts:max{{{SEL}}}", "").values()) == [1.0],
+               60, "the recording rule to count the restart", monitored.proc, _driver_log)
     back_at = time.time()
     for rank in ("0", "1"):
         expr = f'worker:alexray_train_images:rate1m{{{SEL}, rank="{rank}"}}'
