@@ -37,20 +37,19 @@ deps-chromium:
 
 system-deps: deps-prometheus deps-chromium
 
-# TEST_WORKERS=2: two pytest-xdist workers, each taking whole files (module-scoped clusters start
-# once) in the order tests/conftest.py gives (the longest files first), so one worker's waits for
-# Ray, SeaweedFS and kills overlap the other's work. On 2 cores that took 15-16 minutes against
-# about 21 in one process, but the load it adds makes the tests that race a process start (the
-# Ctrl-C ones) lose now and then; one process (0) stays the default until they are made exact.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers by default, each taking whole files (module-scoped clusters start once)
+# in the order tests/conftest.py gives (the longest files first), so one worker's waits for Ray,
+# SeaweedFS and kills overlap the other's work; the suite uses under half of 2 cores in one
+# process. TEST_WORKERS=0 runs it in this process (a debugger, -x, or a machine short of memory).
+TEST_WORKERS ?= 2
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The tests that start no SeaweedFS, Ray, Prometheus or chromium and train only briefly (tests/conftest.py
-# marks the rest heavy).
+# marks the rest heavy), handed to the xdist workers test by test: none starts a cluster to share.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(BIN)/python -m pytest -q -m "not heavy" -n $(TEST_WORKERS) --dist load
 
 demo: install deps-prometheus
 	$(BIN)/python -m orchestrator.demo --dir $(DEMO_DIR)

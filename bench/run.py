@@ -19,7 +19,7 @@ from bench.common import WORK  # noqa: E402
 # "module:function" runs that function instead of the module's ``run``.
 SUITES = {"shard": "bench.shard_bench", "shard-100k": "bench.shard_bench:run_100k", "tar": "bench.tar_bench",
           "loader": "bench.loader_bench", "train": "bench.train_bench", "export": "bench.export_bench",
-          "metrics": "bench.metrics_bench"}
+          "metrics": "bench.metrics_bench", "demo": "bench.demo_bench"}
 
 
 def main(argv: list[str]) -> int:

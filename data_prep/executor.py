@@ -23,6 +23,7 @@ from alexray_core.storage import StorageError, apply_storage_env, storage_env
 from .errors import ShardError
 
 _counters = None  # (images, bytes) shared with the parent, set in each pool process
+_COUNT_EVERY = 64  # samples a worker counts before adding them to the shared totals
 
 
 def _init_worker(images, nbytes, env: dict) -> None:
@@ -33,16 +34,31 @@ def _init_worker(images, nbytes, env: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _count(nbytes: int) -> None:
+def _add_to_totals(n_images: int, nbytes: int) -> None:
     images, total = _counters
     with images.get_lock():
-        images.value += 1
+        images.value += n_images
     with total.get_lock():
         total.value += nbytes
 
 
 def _run_counted(fn: Callable, kwargs: dict):
-    return fn(on_sample=_count, **kwargs)
+    # Counted in batches: two shared locks per sample cost as much as probing a small file, and
+    # the progress bar is redrawn only every quarter second anyway.
+    seen = [0, 0]
+
+    def on_sample(nbytes: int) -> None:
+        seen[0] += 1
+        seen[1] += nbytes
+        if seen[0] >= _COUNT_EVERY:
+            _add_to_totals(*seen)
+            seen[:] = [0, 0]
+
+    try:
+        return fn(on_sample=on_sample, **kwargs)
+    finally:
+        if seen[0]:
+            _add_to_totals(*seen)
 
 
 class Progress:
@@ -63,6 +79,10 @@ class Progress:
         if nbytes:
             elapsed = max(1e-6, time.monotonic() - self.started)
             self.bar.set_postfix_str(f"{nbytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    def set_total(self, total: int) -> None:
+        self.bar.total = total
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -90,10 +110,13 @@ class InlineExecutor(Executor):
         def on_sample(nbytes: int) -> None:
             seen[0] += 1
             seen[1] += nbytes
-            progress.update(seen[0], seen[1])
+            if not seen[0] % _COUNT_EVERY:  # the bar, not the sample, is what costs here
+                progress.update(seen[0], seen[1])
 
         for i, kwargs in enumerate(tasks):
-            yield i, fn(on_sample=on_sample, **kwargs)
+            result = fn(on_sample=on_sample, **kwargs)
+            progress.update(seen[0], seen[1])
+            yield i, result
 
 
 def _forkserver_context():
@@ -144,7 +167,7 @@ class ProcessExecutor(Executor):
     def close(self) -> None:
         # Terminate rather than wait: after an error or Ctrl-C, a half-written shard is worthless
         # (it is never published) and the next run redoes it.
-        for process in list(getattr(self.pool, "_processes", {}).values()):
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):  # None once shut down
             process.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)
 

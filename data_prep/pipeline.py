@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from .executor import (
     make_executor,
     prepare_workers,
 )
-from .images import ImageOptions, probe_image
+from .images import ImageOptions
 from .lease import LEASE_NAME, Lease
 from .manifest import (
     FORMAT_VERSION,
@@ -50,6 +49,7 @@ from .manifest import (
     parse_manifest,
 )
 from .planning import SplitPlan, SplitProbes
+from .probing import Prober, probe_chunk  # noqa: F401 - probe_chunk: tasks name it from here too
 from .shards import PROGRESS_DIR, ShardResult, build_shard, publish_shard, write_shard
 from .sources import SourceDataset, scan_source
 
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 SPLIT_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # shard names are {split}-{index:06d}.tar
 _SPLIT_RE = re.compile(f"^{SPLIT_NAME}$")
 _SHARD_RE = re.compile(f"^{SPLIT_NAME}-\\d{{6}}\\.tar$")
-PROBE_CHUNK = 256
 
 
 @dataclass
@@ -121,28 +120,13 @@ def fingerprint_of(dataset: SourceDataset, config: ShardConfig) -> str:
                              sort_keys=True).encode())
     for split in sorted(dataset.splits):
         table = dataset.splits[split]
-        for i in range(len(table)):
+        for start in range(0, len(table), 4096):
+            end = min(len(table), start + 4096)
+            lines = "".join([f"{split}\0{relpath}\0{size}\n"
+                             for relpath, size in zip(table.relpaths_in(start, end), table.sizes[start:end])])
             # surrogateescape: a file name that is not UTF-8 is hashed as its bytes, not refused
-            digest.update(f"{split}\0{table.relpath(i)}\0{table.sizes[i]}\n".encode("utf-8", "surrogateescape"))
+            digest.update(lines.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _probe_tasks(dataset: SourceDataset, chunks: list[tuple[str, int]], options: ImageOptions):
-    """The probe tasks of ``chunks`` ((split, first file) each), built as workers take them."""
-    for split, start in chunks:
-        table = dataset.splits[split]
-        yield {"src_root": str(dataset.root), "options": options,
-               "relpaths": [table.relpath(i) for i in range(start, min(start + PROBE_CHUNK, len(table)))]}
-
-
-def probe_chunk(src_root: str, relpaths: list[str], options: ImageOptions, on_sample=None):
-    """Probe a list of files; a task for the executor."""
-    probes = []
-    for rel in relpaths:
-        probes.append(probe_image(os.path.join(src_root, rel), options))
-        if on_sample is not None:
-            on_sample(0)
-    return probes
 
 
 def _check_existing(storage: Storage, fingerprint: str, config: ShardConfig) -> bool:
@@ -220,13 +204,28 @@ def shard_dataset(src: str | Path, dest: str, config: ShardConfig, metrics=None)
                          "use an s3:// DEST, or pass --shared-fs if DEST is on a file system every node mounts at "
                          "the same path")
     prepare_workers(config.workers, config.ray_address)
-    dataset = scan_source(src, config.splits)
-    storage.check_writable()
-    lease = Lease.acquire(storage)
+    # Local workers start probing while SRC is still being listed (``data_prep.probing``); a Ray
+    # cluster is reached only once DEST is known to need the work, as before.
+    executor = None if config.ray_address else make_executor(config.workers, None)
+    prober = None if executor is None else Prober(executor, config.image_options(), config.progress)
     try:
-        return _shard_holding_lease(storage, dataset, config, lease, metrics)
+        dataset = scan_source(src, config.splits, on_listed=None if prober is None else prober.listed)
+        storage.check_writable()
+        lease = Lease.acquire(storage)
+        try:
+            return _shard_holding_lease(storage, dataset, config, lease, metrics, executor, prober)
+        finally:
+            _stop_workers(prober, executor)  # no worker of this run writes DEST once its lease is given back
+            lease.release()
     finally:
-        lease.release()
+        _stop_workers(prober, executor)
+
+
+def _stop_workers(prober: Prober | None, executor) -> None:
+    if prober is not None:
+        prober.stop(cancel=True)  # before the executor closes: see Prober.stop
+    if executor is not None:
+        executor.close()
 
 
 @dataclass
@@ -261,7 +260,8 @@ class _Plan:
 
 
 def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: ShardConfig, lease: Lease,
-                         metrics) -> ShardSummary:
+                         metrics, executor, prober: Prober | None) -> ShardSummary:
+    """``executor`` and ``prober``: the local ones, already probing; None on Ray."""
     fingerprint = fingerprint_of(dataset, config)
     if _check_existing(storage, fingerprint, config):
         manifest = parse_manifest(storage.read_bytes(MANIFEST_NAME), storage.join(MANIFEST_NAME))
@@ -269,33 +269,29 @@ def _shard_holding_lease(storage: Storage, dataset: SourceDataset, config: Shard
     storage.clean_partial()
 
     job = _Sharding(storage, dataset, config, lease, metrics, fingerprint, config.image_options())
-    executor = make_executor(config.workers, config.ray_address)
+    ray = None if executor is not None else make_executor(config.workers, config.ray_address)
+    if ray is not None:
+        executor, prober = ray, Prober(ray, job.options, config.progress)
     on_ray = isinstance(executor, RayExecutor)
     # Local workers share this machine's temp dir; Ray tasks use their own node's (staging_dir None).
     staging = tempfile.mkdtemp(prefix="alexray-shard-") if storage.staging_dir() is None and not on_ray else None
     try:
-        probed = _probe_files(job, executor)
+        probed = _probe_files(job, prober)
         plan = _plan_shards(job, probed)
         results, seconds = _write_shards(job, plan, executor, staging)
     finally:
-        executor.close()
+        if ray is not None:
+            ray.close()
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
     return _write_manifest(job, probed, plan, results, seconds)
 
 
-def _probe_files(job: _Sharding, executor) -> _Probed:
+def _probe_files(job: _Sharding, prober: Prober) -> _Probed:
     """Pass 1: probe every file; fails when more than --max-reject-fraction of the inputs are refused."""
     dataset, config = job.dataset, job.config
-    probes = {split: SplitProbes(len(table)) for split, table in dataset.splits.items()}
-    chunks = [(split, start) for split in sorted(dataset.splits)
-              for start in range(0, len(dataset.splits[split]), PROBE_CHUNK)]
+    probes = prober.finish(dataset)
     n_files = sum(len(table) for table in dataset.splits.values())
-    bar = Progress("checking", n_files, config.progress)
-    for i, result in executor.run(probe_chunk, _probe_tasks(dataset, chunks, job.options), bar):
-        split, start = chunks[i]
-        probes[split].record(start, result)
-    bar.close()
 
     rejected: dict[str, list[dict]] = {}
     for split, table in dataset.splits.items():
@@ -337,7 +333,7 @@ def _write_shards(job: _Sharding, plan: _Plan, executor, staging: str | None) ->
     on_ray = isinstance(executor, RayExecutor)
     # Built as workers take them: only the shards in flight exist as lists of samples.
     ray_only = {"lease_token": job.lease.token} if on_ray else {}
-    tasks = ({"plan": split_plan.shard(i), "src_root": str(job.dataset.root), "storage": storage,
+    tasks = ({"plan": split_plan.packed(i), "src_root": str(job.dataset.root), "storage": storage,
               "options": job.options, "fingerprint": job.fingerprint, "staging_dir": staging, **ray_only}
              for split_plan, i in plan.todo)
     bar = Progress("sharding", sum(split_plan.samples_in(i) for split_plan, i in plan.todo), job.config.progress)

@@ -1,13 +1,18 @@
 """What the probe found for each file of a split, and the split's shard plan, kept packed.
 
 At a million files one Python object per file (a probe, a planned sample) costs more memory
-than the rest of the command; here a file costs 9 bytes of probe results and 4 bytes of plan,
-and a shard's ``ShardPlan`` is built only when its task is handed to a worker.
+than the rest of the command; here a file costs 9 bytes of probe results and 4 bytes of plan.
+Probes come back from workers packed (``ProbeBatch``) and shards go out to them packed
+(``PackedShard``): building, sending and reading one object per file cost more than probing or
+copying a small file.
 """
 
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Iterator
 
 from .images import CONVERT, KEEP, REJECT, RESIZE, ImageOptions, Probe
 from .shards import (
@@ -18,11 +23,28 @@ from .shards import (
     shard_name,
     shuffle_order,
 )
-from .sources import FileTable
+from .sources import FileTable, stem_keys
 
 ACTIONS = (KEEP, CONVERT, RESIZE, REJECT)
 _CODE = {action: code for code, action in enumerate(ACTIONS)}
 _REJECT = _CODE[REJECT]
+
+
+class ProbeBatch:
+    """The probes of consecutive files, packed: what a probe task sends back."""
+
+    def __init__(self):
+        self.action = bytearray()
+        self.width = array("I")
+        self.height = array("I")
+        self.rejects: list[tuple[int, str]] = []  # (position in the batch, reason)
+
+    def add(self, action: str, reason: str, width: int, height: int) -> None:
+        if action == REJECT:
+            self.rejects.append((len(self.action), reason))
+        self.action.append(_CODE[action])
+        self.width.append(width)
+        self.height.append(height)
 
 
 class SplitProbes:
@@ -41,6 +63,14 @@ class SplitProbes:
             self.width[i], self.height[i] = probe.width, probe.height
             if probe.action == REJECT:
                 self.rejects.append((i, probe.reason))
+
+    def record_batch(self, start: int, batch: ProbeBatch) -> None:
+        """Store a ``ProbeBatch`` of files ``start``, ``start + 1``, ..."""
+        end = start + len(batch.action)
+        self.action[start:end] = batch.action
+        self.width[start:end] = batch.width
+        self.height[start:end] = batch.height
+        self.rejects.extend((start + i, reason) for i, reason in batch.rejects)
 
     def accepted(self, i: int) -> bool:
         return self.action[i] != _REJECT
@@ -79,6 +109,17 @@ class SplitPlan:
         start = index * self.per_shard
         return ShardPlan(self.split, index, tuple(self._sample(i) for i in self.order[start:start + self.per_shard]))
 
+    def packed(self, index: int) -> "PackedShard":
+        """``shard(index)`` as columns, for a worker."""
+        table, probes = self.table, self.probes
+        files = self.order[index * self.per_shard:(index + 1) * self.per_shard]
+        pick = itemgetter(*files) if len(files) > 1 else lambda column: (column[files[0]],)  # gathered in C
+        clashes = table.key_clashes
+        keys = {n: clashes[i] for n, i in enumerate(files) if i in clashes} if clashes else {}
+        return PackedShard(self.split, index, table.joined_relpaths(files), array("I", pick(table.class_index)),
+                           self.class_ids, bytes(pick(probes.action)), array("I", pick(probes.width)),
+                           array("I", pick(probes.height)), array("Q", pick(table.sizes)), keys)
+
     def _estimate(self, i: int) -> int:
         return estimate_bytes(self.table.sizes[i], self.probes.probe(i), self.options)
 
@@ -87,3 +128,35 @@ class SplitPlan:
         class_index = table.class_index[i]
         return planned_sample(table.key(i), table.relpath(i), class_index, self.class_ids[class_index],
                               table.sizes[i], self.probes.probe(i), self.options)
+
+
+@dataclass(frozen=True)
+class PackedShard:
+    """One shard's samples as columns (``SplitPlan.shard``'s ``ShardPlan``, with the keys that are
+    their file's stem left to the worker): a few bytes per sample to build, send and read."""
+
+    split: str
+    index: int
+    relpaths: str  # "\0"-separated: file names hold no NUL
+    class_index: array
+    class_ids: list[str]  # the class table, by index
+    actions: bytes  # ACTIONS codes
+    width: array
+    height: array
+    sizes: array  # the files' sizes when listed
+    keys: dict[int, str]  # by position: the keys that are not their file's stem (key clashes)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    def rows(self) -> Iterator[tuple]:
+        """What ``ShardPlan.rows`` yields for the same shard."""
+        class_ids = self.class_ids
+        relpaths = self.relpaths.split("\0") if self.actions else []
+        keys = stem_keys([relpath.rpartition("/")[2] for relpath in relpaths])
+        for n, key in self.keys.items():
+            keys[n] = key
+        for key, relpath, class_index, code, width, height, size in zip(
+                keys, relpaths, self.class_index, self.actions, self.width, self.height, self.sizes):
+            yield key, relpath, class_index, class_ids[class_index], ACTIONS[code], width, height, size

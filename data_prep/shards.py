@@ -10,8 +10,6 @@ Each sample is three members: ``{key}.jpg`` (RGB JPEG), ``{key}.cls`` (class ind
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import os
@@ -20,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from alexray_core.storage.api import Storage
 
@@ -37,6 +35,8 @@ from .images import (
 )
 from .lease import check_holder
 from .sources import Reject
+# _HashingWriter and _tar_header: tests and benchmarks import them from here
+from .tar_writer import TarShardWriter, UnreadableFile, _HashingWriter, _tar_header  # noqa: F401
 
 PROGRESS_DIR = "_progress"
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256  # three headers plus, on average, half a block of padding each
@@ -66,6 +66,13 @@ class ShardPlan:
     @property
     def name(self) -> str:
         return shard_name(self.split, self.index)
+
+    def rows(self) -> Iterator[tuple]:
+        """(key, relpath, class_index, class_id, action, width, height, size) of each sample, what
+        ``build_shard`` reads of a plan (``data_prep.planning.PackedShard`` yields the same); size
+        is only a hint of the file's size (exact for a kept file, as listed)."""
+        for s in self.samples:
+            yield s.key, s.relpath, s.class_index, s.class_id, s.action, s.width, s.height, s.est_bytes
 
 
 @dataclass
@@ -134,87 +141,6 @@ def plan_split(split: str, samples: list[PlannedSample], seed: int, shard_size: 
             for i, start in enumerate(range(0, len(ordered), per_shard))]
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, raw):
-        self.raw, self.digest, self.count = raw, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.raw.write(data)
-        self.count += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.count
-
-
-_BLOCK = 512
-_RECORD = 20 * _BLOCK  # tar's default record size: archives are padded to a multiple of it
-_ZEROS = bytes(_BLOCK)
-
-
-# The fixed fields of every header (mode 0444, uid/gid 0, mtime 0, regular file, ustar magic); the
-# checksum is computed with its own field as eight spaces.
-_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
-_MTIME = b"00000000000\0"
-_TYPE_TO_MAGIC = b"0" + bytes(100) + b"ustar\x0000" + bytes(80)  # typeflag, linkname, magic, owner names, devices
-_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + 8 * ord(" ") + sum(_TYPE_TO_MAGIC)
-_SMALL = 4096  # members up to this size are joined with their neighbours into one write
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header with fixed metadata (mtime 0, root, read-only): the same inputs give
-    byte-identical shards. Written by hand, from pieces fixed in advance: tarfile's generic header
-    code costs more than copying a typical JPEG."""
-    encoded = name.encode("utf-8")
-    prefix = b""
-    if len(encoded) > 100:  # ustar splits long paths at a slash into prefix (155) + name (100)
-        cut = encoded.rfind(b"/", 0, 156)
-        if cut <= 0 or len(encoded) - cut - 1 > 100:
-            raise ValueError(f"tar member name too long for ustar: {name!r}")
-        prefix, encoded = encoded[:cut], encoded[cut + 1:]
-    size_field = b"%011o\0" % size
-    checksum = _FIXED_SUM + sum(encoded) + sum(size_field) + sum(prefix)
-    return b"".join((encoded.ljust(100, b"\0"), _MODE_IDS, size_field, _MTIME, b"%06o\0 " % checksum,
-                     _TYPE_TO_MAGIC, prefix.ljust(155, b"\0"), bytes(12)))
-
-
-class TarShardWriter:
-    """Append regular files to a tar stream; ``close`` writes the end-of-archive blocks.
-
-    Headers, padding and small members are gathered and handed to the sink in one write, before
-    the next large member or at ``close``: a shard sample is then two writes instead of nine.
-    """
-
-    def __init__(self, sink):
-        self.sink, self.offset = sink, 0
-        self.pending: list[bytes] = []
-
-    def add(self, name: str, data: bytes) -> None:
-        padding = -len(data) % _BLOCK
-        self.pending.append(_tar_header(name, len(data)))
-        if len(data) <= _SMALL:
-            self.pending.append(data)
-        else:
-            self.sink.write(b"".join(self.pending))
-            self.sink.write(data)
-            self.pending.clear()
-        if padding:
-            self.pending.append(_ZEROS[:padding])
-        self.offset += _BLOCK + len(data) + padding
-
-    def close(self) -> None:
-        end = self.offset + 2 * _BLOCK
-        self.pending.append(bytes(2 * _BLOCK + (-end % _RECORD)))
-        self.sink.write(b"".join(self.pending))
-        self.pending.clear()
-
-
 def write_shard(plan: ShardPlan, src_root: str, storage: Storage, options: ImageOptions, fingerprint: str,
                 staging_dir: str | None = None, on_sample: Callable[[int], None] | None = None,
                 lease_token: str | None = None) -> ShardResult:
@@ -251,6 +177,7 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
                 on_sample: Callable[[int], None] | None = None) -> tuple[ShardResult, Path]:
     """Write one shard to a temporary file; returns what it holds and where the file is.
 
+    ``plan``: a ``ShardPlan`` or anything with its ``name``, ``split``, ``index`` and ``rows()``.
     ``on_sample(nbytes)`` is called after each sample, for progress reporting. A sample whose
     bytes fail to decode (only possible for files accepted on their structure) is left out and
     listed in the result's rejects. The file is built beside its final place when the storage is
@@ -259,30 +186,14 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
     staging = storage.staging_dir() or staging_dir
     fd, tmp_name = tempfile.mkstemp(prefix=f".{plan.name}.partial-", dir=staging)
     tmp = Path(tmp_name)
-    rejects: list[dict] = []
-    written = 0
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as raw:
+        # Unbuffered: the tar writer hands over large blocks, which a buffer would only copy.
+        with os.fdopen(fd, "wb", buffering=0) as raw:
             # mkstemp's 0600 would keep a local shard from every other user of a shared file system
             os.fchmod(raw.fileno(), 0o666 & ~current_umask())
             sink = _HashingWriter(raw)
             tar = TarShardWriter(sink)
-            for sample in plan.samples:
-                nbytes = 0
-                try:
-                    data = read_file(os.path.join(src_root, sample.relpath))
-                    nbytes = len(data)
-                    jpeg, width, height = prepare_image(data, sample.probe(), options)
-                except (RejectedImage, OSError) as e:
-                    reason = str(e) if isinstance(e, RejectedImage) else f"unreadable: {e.strerror or e}"
-                    rejects.append(Reject(sample.relpath, reason).to_json())
-                else:
-                    tar.add(f"{sample.key}.jpg", jpeg)
-                    tar.add(f"{sample.key}.cls", str(sample.class_index).encode())
-                    tar.add(f"{sample.key}.json", sample_json(sample, width, height))
-                    written += 1
-                if on_sample is not None:
-                    on_sample(nbytes)
+            written, rejects = _add_samples(tar, plan, os.path.join(src_root, ""), options, on_sample)
             # No fsync here: publishing fsyncs a local shard before renaming it into place, on the
             # publisher's thread, so this worker goes on to its next shard; a staged upload needs none.
             tar.close()
@@ -293,14 +204,57 @@ def build_shard(plan: ShardPlan, src_root: str, storage: Storage, options: Image
                        fingerprint, rejects), tmp
 
 
+def _add_samples(tar: TarShardWriter, plan, src_prefix: str, options: ImageOptions,
+                 on_sample: Callable[[int], None] | None) -> tuple[int, list[dict]]:
+    """Add every sample of ``plan``; returns how many were written and the rejects. A file that
+    cannot be read or decoded is a reject; a failure to write the shard raises."""
+    rejects: list[dict] = []
+    written = 0
+    by_class: dict[int, tuple[bytes, str]] = {}  # class index -> its .cls member, the start of its .json
+    for key, relpath, class_index, class_id, action, width, height, size in plan.rows():
+        cls, meta_head = by_class.get(class_index) or by_class.setdefault(class_index, (
+            b"%d" % class_index, _SAMPLE_JSON_HEAD % (_json_str(class_id), class_index)))
+        nbytes, reason = 0, None
+        if action == KEEP:  # the original bytes, read straight into the shard
+            meta = (meta_head + _SAMPLE_JSON_TAIL % (height, _json_str(relpath), width)).encode()
+            try:
+                nbytes = tar.add_sample(key, src_prefix + relpath, size, cls, meta)
+            except UnreadableFile as e:
+                reason = f"unreadable: {e.error.strerror or e.error}"
+        else:
+            try:
+                data = read_file(src_prefix + relpath)
+                nbytes = len(data)
+                jpeg, width, height = prepare_image(data, Probe(action, width=width, height=height), options)
+            except (RejectedImage, OSError) as e:
+                reason = str(e) if isinstance(e, RejectedImage) else f"unreadable: {e.strerror or e}"
+            else:
+                tar.add(f"{key}.jpg", jpeg)
+                meta = _meta_json(class_id, class_index, relpath, width, height)
+                tar.add_pair(f"{key}.cls", cls, f"{key}.json", meta)
+        if reason is None:
+            written += 1
+        else:
+            rejects.append(Reject(relpath, reason).to_json())
+        if on_sample is not None:
+            on_sample(nbytes)
+    return written, rejects
+
+
 def sample_json(sample: PlannedSample, width: int, height: int) -> bytes:
     """A sample's ``.json`` member: exactly ``json.dumps(meta, sort_keys=True)``, formatted directly
     because json.dumps builds an encoder per call, which cost more than the rest of the member."""
-    return (_SAMPLE_JSON % (_json_str(sample.class_id), sample.class_index, height, _json_str(sample.relpath),
-                            width)).encode()
+    return _meta_json(sample.class_id, sample.class_index, sample.relpath, width, height)
+
+
+def _meta_json(class_id: str, class_index: int, relpath: str, width: int, height: int) -> bytes:
+    return (_SAMPLE_JSON % (_json_str(class_id), class_index, height, _json_str(relpath), width)).encode()
 
 
 _SAMPLE_JSON = '{"class_id": %s, "class_index": %d, "height": %d, "source": %s, "width": %d}'  # keys sorted
+# The same, cut where the part that is the same for a whole class ends.
+_SAMPLE_JSON_HEAD, _SAMPLE_JSON_TAIL = _SAMPLE_JSON[:_SAMPLE_JSON.index("%d, \"source\"")], \
+    _SAMPLE_JSON[_SAMPLE_JSON.index("%d, \"source\""):]
 
 
 def current_umask() -> int:

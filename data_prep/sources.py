@@ -21,6 +21,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate, islice
 from pathlib import Path
 
 from .errors import ShardError
@@ -57,6 +58,7 @@ class FileTable:
         self.class_index = array("I")
         self.sizes = array("Q")
         self.key_clashes: dict[int, str] = {}  # the keys that are not simply the file's stem
+        self._dir_prefixes: list[bytes] = []  # each folder as bytes, with its "/"
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -72,11 +74,51 @@ class FileTable:
         self.class_index.append(class_index)
         self.sizes.append(size)
 
+    def extend(self, dir_index: int, names: list[str], class_numbers: list[int], sizes: list[int]) -> None:
+        """``add`` for each of a directory's files at once."""
+        if not names:
+            return
+        # One encode for the lot (as os.fsencode would encode each): names hold no NUL.
+        encoded = "\0".join(names).encode(_FS_ENCODING, _FS_ERRORS).split(b"\0")
+        self.ends.extend(islice(accumulate(map(len, encoded), initial=len(self.names)), 1, None))
+        self.names += b"".join(encoded)
+        self.dir_of.extend(array("I", [dir_index]) * len(names))
+        self.class_index.extend(class_numbers)
+        self.sizes.extend(sizes)
+
     def name(self, i: int) -> str:
         return self.names[self.ends[i - 1] if i else 0:self.ends[i]].decode(_FS_ENCODING, _FS_ERRORS)
 
     def relpath(self, i: int) -> str:
         return f"{self.dirs[self.dir_of[i]]}/{self.name(i)}"
+
+    def names_in(self, start: int, end: int) -> list[str]:
+        """``[self.name(i) for i in range(start, end)]``, decoded together when they are ASCII (a
+        name at a time costs more than the rest of what most callers do with it)."""
+        if end <= start:
+            return []
+        first = self.ends[start - 1] if start else 0
+        ends = self.ends[start:end]
+        chunk = self.names[first:ends[-1]]
+        if not chunk.isascii():
+            return [self.name(i) for i in range(start, end)]
+        text = chunk.decode(_FS_ENCODING, _FS_ERRORS)
+        bounds = [e - first for e in ends]
+        return [text[a:b] for a, b in zip([0] + bounds, bounds)]
+
+    def joined_relpaths(self, files) -> str:
+        """``"\\0".join(self.relpath(i) for i in files)``, decoded once: names and folders are
+        joined as the file system's bytes, at separators no multi-byte character spans."""
+        if len(self._dir_prefixes) != len(self.dirs):
+            self._dir_prefixes = [os.fsencode(d) + b"/" for d in self.dirs]
+        dirs, names, ends, dir_of = self._dir_prefixes, self.names, self.ends, self.dir_of
+        joined = b"\0".join([dirs[dir_of[i]] + names[ends[i - 1] if i else 0:ends[i]] for i in files])
+        return joined.decode(_FS_ENCODING, _FS_ERRORS)
+
+    def relpaths_in(self, start: int, end: int) -> list[str]:
+        """``[self.relpath(i) for i in range(start, end)]``."""
+        dirs = self.dirs
+        return [f"{dirs[d]}/{name}" for d, name in zip(self.dir_of[start:end], self.names_in(start, end))]
 
     def key(self, i: int) -> str:
         return self.key_clashes.get(i) or stem_key(self.name(i))
@@ -108,16 +150,16 @@ class FileTable:
         seen = bytearray(bits // 8)
         slot_of = array("I")
         candidates = set()
-        for i in range(n):
-            slot = hash(stem_key(self.name(i))) & (bits - 1)
+        for stem in self._stem_keys():
+            slot = hash(stem) & (bits - 1)
             slot_of.append(slot)
             if seen[slot >> 3] & (1 << (slot & 7)):
                 candidates.add(slot)
             seen[slot >> 3] |= 1 << (slot & 7)
         del seen
         counts: dict[str, int] = {}
-        for i in range(n):
-            if slot_of[i] in candidates:
+        for i, slot in enumerate(slot_of):
+            if slot in candidates:
                 stem = stem_key(self.name(i))
                 counts[stem] = counts.get(stem, 0) + 1
         del slot_of
@@ -125,9 +167,14 @@ class FileTable:
         if not shared:
             self.key_clashes = {}
             return
-        involved = [i for i in range(n) if _derives_from(stem_key(self.name(i)), shared)]
+        involved = [i for i, stem in enumerate(self._stem_keys()) if _derives_from(stem, shared)]
         keys = assign_keys([self.relpath(i) for i in involved])
         self.key_clashes = {i: key for i, key in zip(involved, keys) if key != stem_key(self.name(i))}
+
+    def _stem_keys(self, chunk: int = 4096) -> Iterator[str]:
+        """``stem_key`` of every file's name, in order."""
+        for start in range(0, len(self), chunk):
+            yield from stem_keys(self.names_in(start, min(len(self), start + chunk)))
 
 
 def _derives_from(stem: str, shared: set[str]) -> bool:
@@ -144,6 +191,14 @@ def _derives_from(stem: str, shared: set[str]) -> bool:
 def stem_key(name: str) -> str:
     # at most 80 characters, so "{key}.json" fits a plain ustar member name
     return _KEY_UNSAFE.sub("_", name.split(".")[0])[:80] or "sample"
+
+
+def stem_keys(names: list[str]) -> list[str]:
+    """``[stem_key(name) for name in names]``, with one search of them all for characters to replace."""
+    stems = [name.split(".", 1)[0] for name in names]
+    if _KEY_UNSAFE.search("".join(stems)):
+        return [_KEY_UNSAFE.sub("_", stem)[:80] or "sample" for stem in stems]
+    return [stem[:80] or "sample" for stem in stems]
 
 
 @dataclass
@@ -165,11 +220,44 @@ def _visible(name: str) -> bool:
 
 def _walk_files(root: Path, reldir: str) -> Iterator[tuple[str, list[str]]]:
     """(directory relative to ``root``, its visible file names sorted) for ``reldir`` and every
-    folder under it, in ``os.walk`` order; symlinked directories are not followed."""
+    folder under it, in ``os.walk`` order; symlinked directories are not followed. ``os.walk``
+    itself, written out: it builds, per entry, lists this discards."""
     under_root = len(os.path.join(root, ""))
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, reldir), followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        yield dirpath[under_root:], sorted(f for f in filenames if _visible(f))
+    pending = [os.path.join(root, reldir)]
+    while pending:
+        top = pending.pop()
+        try:
+            with os.scandir(top) as listing:
+                entries = list(listing)
+        except OSError:
+            continue  # as os.walk without onerror: an unreadable folder is left out
+        try:
+            folders = [e for e in entries if e.is_dir()]
+        except OSError:  # an entry whose type cannot be known counts as a file, as in os.walk
+            folders = [e for e in entries if _is_dir(e)]
+        files = [e.name for e in entries if not e.name.startswith(".")]  # _visible, inlined
+        if folders:
+            files = sorted(set(files) - {e.name for e in folders})
+        else:
+            files.sort()
+        yield top[under_root:], files
+        subfolders = sorted((e for e in folders if _visible(e.name)), key=lambda e: e.name)
+        # os.walk(followlinks=False) lists a symlinked folder but does not go into it
+        pending.extend(os.path.join(top, e.name) for e in reversed(subfolders) if not _is_link(e))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -214,13 +302,6 @@ def _class_names(src: Path, class_ids: list[str]) -> list[str]:
     return list(class_ids)
 
 
-def _file_size(path: str) -> int | None:
-    try:
-        return os.stat(path).st_size  # follows symlinks; a broken one raises
-    except OSError:
-        return None
-
-
 def assign_keys(relpaths: list[str]) -> list[str]:
     """WebDataset-safe keys, unique within a split, for files given in path order.
 
@@ -240,8 +321,12 @@ def assign_keys(relpaths: list[str]) -> list[str]:
     return keys
 
 
-def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDataset:
-    """List a dataset's images per split. Raises ShardError if SRC is missing or holds no images."""
+def scan_source(src: str | Path, splits: list[str] | None = None, on_listed=None) -> SourceDataset:
+    """List a dataset's images per split. Raises ShardError if SRC is missing or holds no images.
+
+    ``on_listed(root, split, table)``, if given, is called each time a folder's files have been
+    added to a split's table, with the files in the order listed so far (the returned table is
+    that same object unless the tree had to be sorted)."""
     root = Path(src).expanduser()
     if not root.exists():
         raise ShardError(f"SRC {root} does not exist: pass the dataset root holding train/ and val/")
@@ -268,7 +353,9 @@ def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDatas
         for class_id in _class_dirs(root / split):
             number = found.setdefault(class_id, len(found))
             for reldir, names in _walk_files(root, f"{split}/{class_id}"):
-                _add_files(table, root, reldir, names, lambda name: number, rejects[split])
+                _add_files(table, root, reldir, names, number, rejects[split])
+                if on_listed is not None:
+                    on_listed(str(root), split, table)
         loose = sorted(e.name for e in os.scandir(root / split) if _visible(e.name) and not e.is_dir())
         if loose and kaggle_labels:
             def number_of(name: str) -> int | None:
@@ -276,6 +363,8 @@ def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDatas
                 return None if class_id is None else found.setdefault(class_id, len(found))
 
             _add_files(table, root, split, loose, number_of, rejects[split])
+            if on_listed is not None:
+                on_listed(str(root), split, table)
         tables[split] = table
 
     ordered_ids = sorted(found)
@@ -294,16 +383,48 @@ def scan_source(src: str | Path, splits: list[str] | None = None) -> SourceDatas
 
 
 def _add_files(table: FileTable, root: Path, reldir: str, names: list[str], class_number, rejects: list[Reject]):
-    """Add a directory's files (sorted names) to ``table``, or to ``rejects`` with the reason."""
-    folder = os.path.join(root, reldir)
+    """Add a directory's files (sorted names) to ``table``, or to ``rejects`` with the reason.
+    ``class_number``: every file's, or a function of a file's name giving it (None: no label)."""
     d = table.add_dir(reldir)
-    for name in names:
-        number = class_number(name)
+    numbers = [class_number(name) for name in names] if callable(class_number) else None
+    labelled = names if numbers is None else [name for name, number in zip(names, numbers) if number is not None]
+    sizes = _sizes(os.path.join(root, reldir), labelled)
+    if numbers is None and None not in sizes:  # a class folder whose files all exist: all at once
+        table.extend(d, names, [class_number] * len(names), sizes)
+        return
+    kept, kept_numbers, kept_sizes = [], [], []
+    listed = iter(sizes)
+    for i, name in enumerate(names):  # one at a time, so the rejects stay in name order
+        number = class_number if numbers is None else numbers[i]
         if number is None:
             rejects.append(Reject(f"{reldir}/{name}", f"no label in {KAGGLE_VAL_CSV}"))
             continue
-        size = _file_size(os.path.join(folder, name))
+        size = next(listed)
         if size is None:
             rejects.append(Reject(f"{reldir}/{name}", "unreadable: broken symlink or vanished file"))
             continue
-        table.add(d, name, number, size)
+        kept.append(name)
+        kept_numbers.append(number)
+        kept_sizes.append(size)
+    table.extend(d, kept, kept_numbers, kept_sizes)
+
+
+def _sizes(folder: str, names: list[str]) -> list[int | None]:
+    """The sizes of ``folder``'s files ``names``, following symlinks; None for a broken one. Looked
+    up from the open folder: the path to it is walked once, not once per file."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # gone or unreadable now: each file is looked up by its path, as it would be
+        fd = None
+    sizes = []
+    try:
+        for name in names:
+            try:
+                sizes.append(os.stat(name, dir_fd=fd).st_size if fd is not None
+                             else os.stat(os.path.join(folder, name)).st_size)
+            except OSError:
+                sizes.append(None)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return sizes

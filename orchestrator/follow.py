@@ -62,14 +62,36 @@ def describe_goodput(block: dict | None) -> str:
             f"{wall % 60:02d}: " + ", ".join(f"{c.replace('_', ' ')} {f:.1%}" for f, c in shares))
 
 
-def format_flops(value: float | None) -> str:
-    """1.23e12 -> '1.2 TFLOP/s'; '-' when unknown."""
+_DECIMAL = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+_BINARY = ((2.0 ** 50, "Pi"), (2.0 ** 40, "Ti"), (2.0 ** 30, "Gi"), (2.0 ** 20, "Mi"), (2.0 ** 10, "Ki"))
+# The units that take an SI prefix themselves, and theirs; any other (a count such as img/s) carries
+# the decimal prefixes on its number.
+_PREFIXED = {"FLOP/s": _DECIMAL, "s": ((1.0, ""), (1e-3, "m"), (1e-6, "µ"), (1e-9, "n")),
+             "B": _BINARY, "B/s": _BINARY}
+
+
+def format_si(value: float | None, unit: str = "") -> str:
+    """A value with its unit, SI-prefixed: ``8.6 GFLOP/s``, ``150 ms``, ``512 MiB``, ``1.2k img/s``;
+    '-' when unknown. The dashboard page's ``fmt`` (orchestrator/static/dashboard.html) follows the
+    same rules, so the page and the terminal show a figure alike."""
     if value is None or value != value:  # None or NaN
         return "-"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if value >= factor:
-            return f"{value / factor:.1f} {prefix}FLOP/s"
-    return f"{value:.1f} FLOP/s"
+    factor, prefix = next(((f, p) for f, p in _PREFIXED.get(unit, _DECIMAL) if abs(value) >= f), (1.0, ""))
+    n = value / factor
+    if abs(n) >= 100:
+        text = f"{n:.0f}"
+    elif abs(n) >= 1 and unit:  # a bare number (a loss) keeps three digits
+        text = f"{n:.1f}".removesuffix(".0")
+    else:
+        text = f"{n:.3g}"
+    if unit in _PREFIXED:
+        return f"{text} {prefix}{unit}"
+    return text + prefix + (f" {unit}" if unit else "")
+
+
+def format_flops(value: float | None) -> str:
+    """1.23e12 -> '1.2 TFLOP/s'; '-' when unknown."""
+    return format_si(value, "FLOP/s")
 
 
 def follow(address, job_id: str, *, insecure: bool = False, timeout: float | None = None, poll: float = 1.0,

@@ -243,6 +243,7 @@ def snapshot(prom: Prometheus, run: str, window: str = "30s", lookback_s: float 
         "restarts": one(q.gauge("alexray_worker_restarts_total")),
         "step_p50": one(q.step_quantile(0.5)), "step_p95": one(q.step_quantile(0.95)),
         "flops_per_s": one(q.flops()), "mfu": one(q.mfu()),
+        "peak_flops": one(q.gauge("alexray_device_peak_flops", "sum")),
         "goodput_history": goodput_history(prom, q, (last if at else now) - HISTORY_S, last if at else now),
     }
 
@@ -295,6 +296,17 @@ def _pct(value) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
+# MFU where the workers report no peak FLOP/s (a CPU, a GPU workers/flops.py does not know): said so,
+# with the setting that gives one, rather than a '-' that reads as "not measured yet". The page says the same.
+NO_PEAK = "n/a (no peak for this device: set train.peak_tflops)"
+
+
+def _mfu(snap: dict) -> str:
+    if snap.get("mfu") is None and not snap.get("peak_flops"):
+        return NO_PEAK
+    return _pct(snap.get("mfu"))
+
+
 def _duration(seconds) -> str:
     if seconds is None:
         return "-"
@@ -313,7 +325,7 @@ def render(snap: dict, prom_url: str) -> str:
                  f"lr {_num(snap['lr'], '.3g')}   top-1 {_pct(snap['top1'])}   top-5 {_pct(snap['top5'])}   "
                  f"restarts {_num(snap['restarts'], '.0f')}   {snap['status'] or 'ETA ' + _duration(snap['eta_s'])}")
     lines.append(f"total {_num(snap['images_per_s'], '.1f')} img/s   {format_flops(snap.get('flops_per_s'))}   "
-                 f"MFU {_pct(snap.get('mfu'))}   data-wait {_pct(snap['data_wait'])}   "
+                 f"MFU {_mfu(snap)}   data-wait {_pct(snap['data_wait'])}   "
                  f"step p50 {_num(snap['step_p50'], '.3f')} s   p95 {_num(snap['step_p95'], '.3f')} s")
     lines.append("")
     lines.append(f"{'rank':>4}  {'node':<16} {'img/s':>9} {'FLOP/s':>14} {'data-wait':>10} {'loss':>9}")

@@ -38,12 +38,13 @@ HEAVY_FIXTURES = {
 # Every collected test, before `-m` deselects any: what tests/test_suite_rules.py checks.
 COLLECTED = pytest.StashKey[list]()
 
-# `make test TEST_WORKERS=2` runs the files on two pytest-xdist workers, a file on one worker (its module-scoped
+# `make test` runs the files on two pytest-xdist workers, a file on one worker (its module-scoped
 # clusters are started once), handed out in collection order. These files take minutes each (in
 # this order, longest first, as measured on 2 cores): run first, so no long file starts last and
 # keeps one worker busy alone. A file missing here only runs later; nothing else depends on it.
-LONGEST_FIRST = ("test_multinode.py", "test_training_ray.py", "test_jobs.py", "test_demo.py",
-                 "test_faults_checkpoint.py", "test_model_tools.py", "test_faults_data.py", "test_metrics_ray.py")
+LONGEST_FIRST = ("test_multinode.py", "test_jobs.py", "test_training_ray.py", "test_demo.py",
+                 "test_faults_checkpoint.py", "test_model_tools.py", "test_metrics_ray.py", "test_faults_security.py",
+                 "test_training.py", "test_faults_data.py")
 
 # Ray Train's controller polls its workers every 2 s by default: each run's end, each failure and
 # each checkpoint report waits for the next poll (the end of a short run on 2 cores: 6.1 s from the

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,9 +317,22 @@ def _interrupt(proc: subprocess.Popen, log: Path) -> str:
     return log.read_text()
 
 
-def _stop_and_hold(pid: int) -> None:
-    """Freeze a process that is starting, so that the Ctrl-C lands while its start is still waited for."""
-    os.kill(pid, signal.SIGSTOP)
+def _prometheus_held_at_start(tmp_path: Path) -> dict:
+    """An environment whose ``prometheus`` stops itself before it becomes the real one, so that the
+    Ctrl-C lands while its start is still waited for, however fast the real one would be ready."""
+    bin_dir = tmp_path / "held-bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "prometheus"
+    wrapper.write_text(f'#!/bin/sh\nkill -STOP $$\nexec {shutil.which("prometheus")} "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 @pytest.mark.heavy("Prometheus")
@@ -328,13 +342,13 @@ def test_ctrl_c_while_the_dashboards_prometheus_starts(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dashboard", "--start-prometheus",
                                  "--port", "0", "--prometheus-dir", str(workdir)], cwd=ROOT,
-                                env=_env(**{discovery.TARGETS_ENV: str(tmp_path / "targets")}), stdout=out,
+                                env=_env(**{discovery.TARGETS_ENV: str(tmp_path / "targets")},
+                                         **_prometheus_held_at_start(tmp_path)), stdout=out,
                                 stderr=subprocess.STDOUT)
     ours = lambda pid, cmdline, environ: f"--storage.tsdb.path={workdir}/data" in cmdline  # noqa: E731
     try:
-        prometheus = wait_until(lambda: _pids(ours), 60, "Prometheus to be started", proc,
-                                output=lambda _: log.read_text(), poll=0.02)[0]
-        _stop_and_hold(prometheus)
+        wait_until(lambda: [p for p in _pids(ours) if _stopped(p)], 60, "Prometheus to be started", proc,
+                   output=lambda _: log.read_text(), poll=0.05)
         output = _interrupt(proc, log)
         assert "Prometheus:" not in output, output  # still in the start, as intended
         assert proc.returncode == 130 and "Traceback" not in output, output
@@ -350,10 +364,10 @@ def demo_base(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-interrupted") / "demo"
 
 
-def _start_demo(base: Path, log: Path) -> subprocess.Popen:
+def _start_demo(base: Path, log: Path, **env) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "orchestrator.demo", "--dir", str(base), "--set",
-                                 "train.epochs=1"], cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+                                 "train.epochs=1"], cwd=ROOT, env=_env(**env), stdout=out, stderr=subprocess.STDOUT)
 
 
 def _of_the_demo(base: Path):
@@ -401,14 +415,13 @@ def test_ctrl_c_while_the_demo_starts_its_cluster(demo_base):
 @pytest.mark.heavy("the demo's Ray cluster and Prometheus")
 def test_ctrl_c_while_the_demo_starts_prometheus(demo_base):
     log = demo_base.parent / "prometheus-start.log"
-    proc = _start_demo(demo_base, log)
+    proc = _start_demo(demo_base, log, **_prometheus_held_at_start(demo_base.parent))
     ours = _of_the_demo(demo_base)
     data_dir = demo_base / "prometheus" / "data"
     prometheus_of = lambda pid, cmdline, environ: f"--storage.tsdb.path={data_dir}" in cmdline  # noqa: E731
     try:
-        prometheus = wait_until(lambda: _pids(prometheus_of), 300, "the demo's Prometheus to be started", proc,
-                                output=lambda _: log.read_text()[-3000:], poll=0.02)[0]
-        _stop_and_hold(prometheus)
+        wait_until(lambda: [p for p in _pids(prometheus_of) if _stopped(p)], 300,
+                   "the demo's Prometheus to be started", proc, output=lambda _: log.read_text()[-3000:], poll=0.05)
         output = _interrupt(proc, log)
         temp_dirs = re.findall(r"Ray's files in (\S+)\)", output)
         assert temp_dirs and "dashboard: http" not in output, output[-3000:]  # interrupted during the start

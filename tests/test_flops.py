@@ -134,3 +134,18 @@ def test_the_override_wins_and_the_cpu_has_no_peak():
     assert flops.device_peak_flops("cpu", True, 2.5) == 2.5e12
     assert flops.mfu(1000.0, 4e9, 16e12) == pytest.approx(0.25)
     assert flops.mfu(1000.0, 4e9, None) is None and flops.mfu(None, 4e9, 1e12) is None
+
+
+def test_training_counts_the_auxiliary_classifiers_and_evaluation_does_not():
+    """GoogLeNet runs its two auxiliary classifiers in training only: a training sample's FLOPs are 3x
+    the forward with them, evaluation's forward has none; each module keeps its own mode."""
+    from workers.models.architectures import build_model_on_meta
+
+    model = build_model_on_meta("googlenet", 10)
+    forward, training = flops.forward_flops_per_sample(model, SIZE), flops.training_flops_per_sample(model, SIZE)
+    assert forward == _by_hand(model.eval(), SIZE)[0]
+    with_aux = _by_hand(model.train(), SIZE)[0]
+    assert training == 3 * with_aux and with_aux > forward  # small heads: 0.4% of the forward at 224 px
+    model.aux1.eval()
+    flops.training_flops_per_sample(model, SIZE), flops.forward_flops_per_sample(model, SIZE)
+    assert model.training and not model.aux1.training and model.aux2.training

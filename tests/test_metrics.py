@@ -224,6 +224,26 @@ def test_grafana_dashboard_is_provisioned_with_run_and_node_variables():
             assert '$run' in target["expr"], (panel["title"], target["expr"])
 
 
+def test_grafana_panels_write_units_and_colour_the_time_categories_as_the_page_does():
+    from tests.test_formatting import page_category_colors
+
+    board = json.loads((CLUSTER / "grafana" / "dashboards" / "alexray-throughput.json").read_text())
+    panels = {p["title"]: p for p in board["panels"]}
+    units = {title: p["fieldConfig"]["defaults"].get("unit") for title, p in panels.items()}
+    for title in ("Images/s (run)", "Images per second: run total", "Images per second per worker"):
+        assert units[title] == "count:img/s", title  # 1.2K img/s, not a bare 1.2 K
+    assert units["Model FLOP/s and MFU"] == "flops" and units["Step time"] == "s"
+    assert not [title for title, unit in units.items() if unit in (None, "short")], units
+    time_goes = panels["Where the workers' time goes"]["fieldConfig"]["overrides"]
+    colours = {}
+    for override in time_goes:
+        assert override["matcher"]["id"] == "byName", override
+        (prop,) = override["properties"]
+        assert prop["id"] == "color" and prop["value"]["mode"] == "fixed", override
+        colours[override["matcher"]["options"]] = prop["value"]["fixedColor"]
+    assert colours == page_category_colors()
+
+
 def test_shard_metrics_count_what_the_manifest_says(tmp_path, monkeypatch):
     from data_prep.metrics import ShardMetrics
     from data_prep.pipeline import ShardConfig, shard_dataset

@@ -156,13 +156,13 @@ def test_watch_shows_every_worker(monitored):
         assert done.returncode == 0, done.stderr
         assert f"run {RUN}" in done.stdout
         rows = {m.group(1): float(m.group(2)) for m in
-                re.finditer(r"^\s+(\d+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+ [MGTP]?FLOP/s\s+[\d.]+%", done.stdout,
+                re.finditer(r"^\s+(\d+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+ [kMGTP]?FLOP/s\s+[\d.]+%", done.stdout,
                             re.MULTILINE)}
         assert set(rows) == {"0", "1"} and all(v > 0 for v in rows.values()), done.stdout
         total = float(re.search(r"^total ([\d.]+) img/s", done.stdout, re.MULTILINE).group(1))
         assert abs(total - sum(rows.values())) < 0.2, done.stdout
         assert re.search(r"ETA \d+:\d\d:\d\d", done.stdout), done.stdout
-        assert re.search(r"img/s   [\d.]+ [MGTP]?FLOP/s   MFU [\d.]+%", done.stdout), done.stdout  # train.peak_tflops
+        assert re.search(r"img/s   [\d.]+ [kMGTP]?FLOP/s   MFU [\d.]+%", done.stdout), done.stdout  # train.peak_tflops
         assert re.search(r"goodput \d+%", done.stdout) and re.search(r"^ +\d+% \|[PDCESLRXW ]+$", done.stdout,
                                                                       re.MULTILINE), done.stdout
 
@@ -210,22 +210,39 @@ def _chromium() -> str:
     return found
 
 
-def test_dashboard_page_plots_the_run_in_chromium(monitored, tmp_path):
+@dataclass
+class RenderedPage:
+    dom: str
+    shot: Path
+
+
+@pytest.fixture(scope="module")
+def dashboard_page(monitored, tmp_path_factory) -> RenderedPage:
+    """The dashboard of the run after a first evaluation, as headless chromium renders it: its DOM and a
+    screenshot (the tests that read it share one load)."""
     from orchestrator.monitor import start_dashboard
 
     prom = monitored.prom
     wait_until(lambda: prom.query(f"alexray_eval_top1_ratio{{{SEL}}}"), 120, "a first evaluation", monitored.proc,
                _driver_log)
+    work = tmp_path_factory.mktemp("dashboard")
     server = start_dashboard(prom.url, run=RUN)
     try:
         common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                  "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'chromium'}"]
+                  "--virtual-time-budget=6000", f"--user-data-dir={work / 'chromium'}"]
         dom = subprocess.run(common + ["--dump-dom", server.url], capture_output=True, text=True, timeout=120).stdout
         shot = monitored.root / "dashboard.png"
         subprocess.run(common + ["--window-size=1280,1100", f"--screenshot={shot}", server.url],
                        capture_output=True, text=True, timeout=120)
     finally:
         server.stop()
+    if shot.exists():
+        shutil.copy(shot, work / "dashboard.png")  # kept with the test's files for a look
+    return RenderedPage(dom, shot)
+
+
+def test_dashboard_page_plots_the_run_in_chromium(dashboard_page):
+    dom, shot = dashboard_page.dom, dashboard_page.shot
     assert 'data-loaded="1"' in dom, dom[-2000:]
     charts = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
         r'data-figure="(\w+)" data-series="(\d+)" data-points="(\d+)"', dom)}
@@ -236,8 +253,49 @@ def test_dashboard_page_plots_the_run_in_chromium(monitored, tmp_path):
     assert images_series >= 3 and images_points > 3 * images_series  # the total and one line per rank, over time
     assert charts["goodput"][0] >= 3  # stacked: productive, start-up, data wait at least
     assert f"run {RUN}" in dom and "img/s" in dom and re.search(r"MFU \d+(\.\d+)?%", dom), dom[-2000:]
+    assert "MFU n/a" not in dom  # train.peak_tflops gives the workers a peak
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    shutil.copy(shot, tmp_path / "dashboard.png")  # kept with the test's files for a look
+
+
+FIGURE_UNITS = {"images": "img/s", "flops": "FLOP/s", "goodput": "%", "data_wait": "%", "step_time": "s",
+                "loss": "", "accuracy": "%"}
+
+
+def _rendered_charts(dom: str) -> dict[str, tuple[list, list]]:
+    """Each chart's axis ticks as (x, y, label), and its legend as (colour, name, value), read from the DOM."""
+    charts = {}
+    for chart in re.finditer(r'<section [^>]*data-figure="(\w+)"[^>]*>(.*?)</section>', dom, re.DOTALL):
+        ticks = [(float(x), float(y), label) for x, y, label in re.findall(
+            r'<text class="tick" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', chart.group(2))]
+        legend = [(colour, *text.rsplit(": ", 1)) for colour, text in re.findall(
+            r'<span style="--c:(#[0-9a-f]{6})">([^<]*)</span>', chart.group(2))]
+        charts[chart.group(1)] = (ticks, legend)
+    return charts
+
+
+def test_dashboard_axes_and_legends_read_in_si_units_in_order(dashboard_page):
+    from tests.test_formatting import page_category_colors, parse_si
+
+    charts = _rendered_charts(dashboard_page.dom)
+    assert set(charts) == set(FIGURE_UNITS), charts
+    for figure, (ticks, legend) in charts.items():
+        unit = FIGURE_UNITS[figure]
+        assert len(ticks) >= 3 and legend, (figure, ticks, legend)
+        bottom_up = [parse_si(label, unit) for _, _, label in sorted(ticks, key=lambda t: -t[1])]
+        assert bottom_up == sorted(set(bottom_up)), (figure, ticks)  # the higher on the axis, the larger
+        for x, _, label in ticks:  # right-aligned at x: the label fits left of it, cut off by nothing
+            assert x >= 5 * len(label), (figure, x, label)
+        for _, name, value in legend:
+            parse_si(value, unit)
+    flops_ticks, flops_legend = charts["flops"]
+    assert re.fullmatch(r"[\d.]+ [kMGTP]FLOP/s", min(flops_ticks, key=lambda t: t[1])[2]), flops_ticks
+    values = {name: parse_si(value, "FLOP/s") for _, name, value in flops_legend}
+    assert values["total"] > 0 and all(values["total"] >= v for v in values.values()), values
+    assert all(re.fullmatch(r"[\d.]+k? img/s", label) for _, _, label in charts["images"][0]), charts["images"]
+    colours = page_category_colors()
+    goodput = charts["goodput"][1]
+    assert {name for _, name, _ in goodput} <= set(colours), goodput
+    assert all(colour == colours[name] for colour, name, _ in goodput), goodput  # by meaning, not by position
 
 
 def _grafana_queries() -> list[tuple[str, str]]:

@@ -1,6 +1,11 @@
-"""workers.models.architectures: the paper AlexNet, torchvision's AlexNet, the registry and the classifier head."""
+"""workers.models.architectures: the paper AlexNet, torchvision's AlexNet, the registry and the classifier
+head; every torchvision classifier trained or refused at its image size before any worker starts
+(workers.models.input_size), and the auxiliary classifiers of GoogLeNet and Inception v3 in the loss."""
 
+import functools
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -8,11 +13,13 @@ import torchvision
 from torch import nn
 
 from alexray_core.spec import SpecError
+from tests.shardtools import error_line
 from workers.models.architectures import (
     AlexNet,
     AlexNetTV,
     alexnet_tv,
     build_model,
+    build_model_on_meta,
     classifier_head,
     model_kwargs,
     model_names,
@@ -242,3 +249,158 @@ def test_narrow_alexnet_overfits_two_random_classes():
     assert last < 0.6 * first, losses
     with torch.no_grad():
         assert (model.eval()(x).argmax(1) == y).all()
+
+
+# ---- every torchvision classifier: trained, or refused before any worker starts --------------------
+
+TORCHVISION_CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
+# What the check refuses (torchvision 0.29): the start of what it says after "model.name: NAME ".
+REFUSED = {
+    ("inception_v3", 64): "needs data.image_size at least 299 (got 64): its auxiliary classifier, which runs "
+                          "in training, takes no smaller input",
+    ("inception_v3", 224): "needs data.image_size at least 299 (got 224): its auxiliary classifier, which runs "
+                           "in training, takes no smaller input",
+    ("maxvit_t", 64): "needs data.image_size 224 (got 64): torchvision builds it for 224 px inputs",
+    **{(vit, 64): "needs data.image_size 224 (got 64): torchvision builds it for 224 px inputs (Wrong image height! "
+       "Expected 224 but got 64!)" for vit in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")},
+}
+
+
+@functools.cache
+def _on_meta(name: str) -> nn.Module:
+    return build_model_on_meta(name, 1000)
+
+
+# At 224 px the passes take as long again (about 30 s on 2 cores): in make test, not make test-fast.
+@pytest.mark.parametrize("size", [64, pytest.param(224, marks=pytest.mark.heavy("every torchvision model's "
+                                                                                 "meta forward at 224 px"))])
+@pytest.mark.parametrize("name", TORCHVISION_CLASSIFIERS)
+def test_every_torchvision_classifier_is_taken_or_refused_in_one_line(name, size, monkeypatch):
+    """The check before any worker starts, on the meta device (each model built once for both sizes)."""
+    from alexray_core.spec import load_spec
+    from workers.models import input_size
+
+    monkeypatch.setattr(input_size, "build_model_on_meta", lambda name, *args, **kwargs: _on_meta(name))
+    spec = load_spec(None, ["data.path=/data/shards", f"model.name={name}", f"data.image_size={size}"])
+    expected = REFUSED.get((name, size))
+    if expected is None:
+        input_size.check_image_size(spec)
+        return
+    with pytest.raises(SpecError) as refused:
+        input_size.check_image_size(spec)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"model.name: {name} {expected}"), message
+
+
+def test_the_check_says_what_it_cannot_tell_and_passes_what_meta_cannot_run():
+    from workers.models.input_size import image_size_problem
+
+    class Odd(nn.Module):
+        def __init__(self, error: Exception):
+            super().__init__()
+            self.conv, self.error = nn.Conv2d(3, 4, 3, device="meta"), error
+
+        def forward(self, x):
+            raise self.error
+
+    assert image_size_problem(Odd(ValueError("no such input\nmore")), 64) == "cannot take data.image_size 64 (no such input)"
+    # the meta device cannot run it: the workers' FLOP count runs on real tensors and finds out there
+    assert image_size_problem(Odd(RuntimeError("Tensor.item() cannot be called on meta tensors")), 64) is None
+    # GoogLeNet takes 15 px and more; RegNet (whose constructor reads tensors back) builds on meta too
+    assert image_size_problem(build_model_on_meta("googlenet", 10), 15) is None
+    assert image_size_problem(build_model_on_meta("googlenet", 10), 14).startswith("needs data.image_size at least 15")
+    regnet = build_model_on_meta("regnet_x_400mf", 10)
+    assert all(p.is_meta for p in regnet.parameters()) and image_size_problem(regnet, 64) is None
+    torch.manual_seed(0)
+    assert {k: v.shape for k, v in regnet.state_dict().items()} == \
+        {k: v.shape for k, v in build_model("regnet_x_400mf", 10).state_dict().items()}
+
+
+def test_googlenet_and_inception_build_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchvision's notice that their default initialisation will change
+        for name in ("googlenet", "inception_v3"):
+            model = build_model_on_meta(name, 10)
+            assert model.aux_logits and not model.transform_input
+
+
+# ---- auxiliary classifiers: in the training loss, never in evaluation ------------------------------
+
+SMALLEST = {"googlenet": 15, "inception_v3": 299}  # the smallest data.image_size each trains on
+
+
+@pytest.mark.parametrize("name", sorted(SMALLEST))
+def test_a_training_step_adds_the_auxiliary_losses_and_evaluation_sees_the_main_logits(name):
+    """workers.training.loop._step on one batch against the loss by hand: main + 0.4 x each auxiliary."""
+    from types import SimpleNamespace
+
+    from torch.nn.functional import cross_entropy
+
+    from workers.data.transforms import to_model_input
+    from workers.models.architectures import class_probabilities
+    from workers.models.evaluation import eval_mode
+    from workers.training.loop import _step
+
+    size = SMALLEST[name]
+    torch.manual_seed(0)
+    model = build_model(name, 3)
+    outputs = []
+    model.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    run = SimpleNamespace(session=SimpleNamespace(device=torch.device("cpu")),
+                          spec=SimpleNamespace(data=SimpleNamespace(lighting_std=0.0)), channels_last=False,
+                          use_bf16=False, train_model=model,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2])
+    loss = _step(run, SimpleNamespace(labels=labels, images=images, alphas=None), True,
+                 SimpleNamespace(maybe_publish=lambda: None))
+    main, *aux = (o.detach() for o in outputs.pop())  # what the step's forward pass returned
+    assert len(aux) == {"googlenet": 2, "inception_v3": 1}[name] and all(a.shape == (2, 3) for a in aux)
+    main_loss = cross_entropy(main, labels)
+    torch.testing.assert_close(loss.detach(), main_loss + 0.4 * sum(cross_entropy(a, labels) for a in aux))
+    assert abs(loss.item() - main_loss.item()) > 0.1  # the auxiliary terms are there
+    assert all(p.grad is not None for p in model.parameters())  # every head learns
+    with eval_mode(model):  # evaluation, predict and export run the model in eval mode: one tensor
+        assert class_probabilities(model, images).shape == (2, 3)
+        assert isinstance(model(to_model_input(images, None, False)), torch.Tensor)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from tests.trainingtools import sharded_digits
+
+    return sharded_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.mark.heavy("two CPU training runs, of GoogLeNet and of Inception v3 at 299 px")
+@pytest.mark.parametrize("name", sorted(SMALLEST))
+def test_models_with_auxiliary_classifiers_train_at_the_smallest_size_they_take(name, digits, tmp_path):
+    from tests.shardtools import run_alexray
+    from tests.trainingtools import read_json, write_spec
+
+    size = SMALLEST[name]
+    spec = write_spec(tmp_path / "spec.yaml", str(digits), str(tmp_path / "runs"),
+                      model={"name": name, "width": 1.0}, data={"image_size": size, "eval_resize": size, "streams": 2},
+                      train={"max_steps": 2, "global_batch_size": 2}, scaling={"num_workers": 1})
+    proc = run_alexray("train", spec, "--no-ray", "--set", "run.name=aux")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_json(tmp_path / "runs" / "aux" / "summary.json")["steps"] == 2
+    assert math.isfinite(read_json(tmp_path / "runs" / "aux" / "progress.json")["loss"])
+    smaller = run_alexray("train", spec, "--no-ray", "--set", f"data.image_size={size - 1}")
+    assert smaller.returncode == 2 and f"needs data.image_size at least {size} (got {size - 1})" in error_line(smaller)
+
+
+def test_a_model_refused_at_its_size_exits_2_in_one_line_before_anything_starts(tmp_path):
+    """On Ray as a submitted job's driver runs it (RAY_ADDRESS set; a cluster that is not there): no
+    traceback, no run directory, no Ray connection, and no dataset needed to find it out."""
+    from tests.shardtools import run_alexray
+    from tests.trainingtools import write_spec
+
+    spec = write_spec(tmp_path / "spec.yaml", str(tmp_path / "no-dataset"), str(tmp_path / "runs"),
+                      model={"name": "vit_b_16", "width": 1.0}, scaling={"num_workers": 1})
+    proc = run_alexray("train", spec, env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_line(proc) == ("alexray train: error: model.name: vit_b_16 needs data.image_size 224 (got 64): "
+                                "torchvision builds it for 224 px inputs (Wrong image height! Expected 224 but got 64!)")
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert not (tmp_path / "runs").exists()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import webdataset as wds
 
 from tests.shardtools import error_line, run_alexray, shard_contents, start_alexray
 from tests.support import datasets as ds
-from tests.support.waiting import stderr_tail, wait_until
+from tests.support.waiting import Output, stderr_tail, wait_until
 
 
 @pytest.fixture
@@ -112,16 +111,15 @@ def test_s3_outage_mid_run_is_ridden_out(tmp_path, s3_server, s3_bucket, s3_env)
     url = f"s3://{s3_bucket}/shards"
     proc = start_alexray("shard", src, url, "--shard-size", "2", "--resize-short-side", "160", "--workers", "1",
                          env=s3_env)
+    output = Output(proc)
     wait_until(lambda: [k for k in _keys(client, s3_bucket) if k.endswith(".tar")], 120, "a first shard", proc,
-               stderr_tail, poll=0.1)
+               lambda _: output.tail(), poll=0.1)
     s3_server.stop()
-    time.sleep(2)  # the run keeps trying while the server is down
-    assert proc.poll() is None
+    output.wait_for_line(("retrying in",), 120, "a retry while the server is down")
     restart = threading.Thread(target=s3_server.start)
     restart.start()
-    stdout, stderr = proc.communicate(timeout=240)
+    output.finish(timeout=240)
     restart.join()
-    assert proc.returncode == 0, stderr[-2000:]
     manifest = _s3_manifest(s3_server.client(), s3_bucket)
     assert manifest["totals"]["samples"] == 80
     assert run_alexray("shard", "verify", url, env=s3_env).returncode == 0

@@ -15,8 +15,9 @@ import pytest
 
 from tests.shardtools import start_alexray
 from tests.support.runs import finish, progress_step
-from tests.support.waiting import stderr_tail, wait_until
+from tests.support.waiting import Output, stderr_tail, wait_until
 from tests.trainingtools import read_json, sample_log, sharded_digits, write_spec
+from workers.training.ledger import START_PHASES
 from workers.training.run_store import RunStore
 
 pytestmark = pytest.mark.heavy("a Ray cluster ('alexray train' starts its own)")
@@ -154,12 +155,15 @@ def test_s3_server_restart_mid_epoch(digits, tmp_path, ray_cluster, s3_server, s
                       run={"name": "outage"}, train={"epochs": 1}, data={"shuffle_block": 16},
                       debug={"step_delay": 0.2})
     proc = start_alexray("train", spec, env={**env, **s3_env})
-    wait_until(lambda: progress_step(tmp_path / "runs" / "outage") >= 3, 240, "step 3", proc, stderr_tail, poll=0.05)
+    output = Output(proc)
+    wait_until(lambda: progress_step(tmp_path / "runs" / "outage") >= 3, 240, "step 3", proc,
+               lambda _: output.tail(), poll=0.05)
     s3_server.stop()
-    time.sleep(2)
+    # a worker's read of the next shard meets the outage (Ray forwards the worker's log line)
+    output.wait_for_line(("retrying in", "resuming in"), 120, "a worker's retry while the server is down")
     restart = threading.Thread(target=s3_server.start)
     restart.start()
-    finish(proc)
+    output.finish()
     restart.join()
     summary = read_json(tmp_path / "runs" / "outage" / "summary.json")
     assert summary["steps"] == 18
@@ -174,4 +178,11 @@ def test_train_starts_its_own_local_cluster_when_none_is_given(digits, tmp_path)
                       train={"max_steps": 4}, data={"val_split": None})
     stdout = finish(start_alexray("train", spec, env={**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}))
     assert json.loads(stdout[stdout.index("{"):])["steps"] == 4
+    # start-up's milestones, in the order they happen: the driver's, then each worker's
+    session = read_json(tmp_path / "runs" / "local" / "goodput" / "session.json")
+    phases = read_json(tmp_path / "runs" / "local" / "goodput" / "ledger-a0000-r0000.json")["phases"]
+    assert sorted(phases) == sorted(START_PHASES), phases
+    times = [session["submitted"], session["fit_called"], *(phases[name] for name in START_PHASES),
+             session["fit_returned"]]
+    assert times == sorted(times), (session, phases)
     assert _train_workers() == []  # the cluster went away with the command

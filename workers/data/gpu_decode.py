@@ -29,8 +29,6 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-from torchvision.ops import roi_align
 
 from alexray_core.spec import SpecError
 from workers.data.loader import (
@@ -89,10 +87,20 @@ def decode_on_device(choice: str, device: torch.device | str) -> bool:
     return False
 
 
+def decode_jpeg(*args, **kwargs):
+    """``torchvision.io.decode_jpeg``, imported when first called: importing torchvision loads torch's
+    compiler (2-3 s of every worker's start-up), which a run that decodes on the CPU never needs."""
+    from torchvision.io import decode_jpeg as decode
+
+    return decode(*args, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def device_decoder_problem(device: str) -> str | None:
     """Why ``decode_jpeg`` cannot decode on ``device`` (a torchvision built without nvJPEG, a driver
     too old for it), or None when it decodes a small JPEG there correctly."""
+    from torchvision.io import ImageReadMode, encode_jpeg
+
     probe = torch.zeros((3, 16, 16), dtype=torch.uint8)
     probe[0] = 200
     try:
@@ -162,6 +170,8 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
     One call for the batch; it fails as a whole on one bad image, so a failure is retried image by
     image. The bytes are gathered into one (on CUDA pinned) buffer that the decoder reads from.
     """
+    from torchvision.io import ImageReadMode
+
     if not datas:
         return []
     offsets = np.cumsum([0] + [len(d) for d in datas])
@@ -192,6 +202,8 @@ def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, owners: np.ndarra
     ``roi_align`` per canvas; canvases hold at most ``max_elements`` floats (sorted by size, so
     similar images share one).
     """
+    from torchvision.ops import roi_align
+
     device = images[0].device
     out: torch.Tensor | None = None
     order = sorted(range(len(images)), key=lambda k: (images[k].shape[1], images[k].shape[2]))

@@ -20,6 +20,7 @@ import logging
 import posixpath
 import queue
 import threading
+import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -469,6 +470,7 @@ class ThreadedTrainLoader:
             with self.cond:
                 self.closed = True
                 self.cond.notify_all()
+            _join(workers)
 
 
 def train_batches(split: SplitInfo, plan: EpochPlan, world_size: int, rank: int, start_step: int, seed: int,
@@ -534,6 +536,16 @@ class EvalStream:
 
 _DONE = object()  # a decoding thread's last item: its segments are all decoded
 _PUT_WAIT_S = 0.1  # how soon a thread waiting on a full queue notices that the consumer has stopped
+_JOIN_WAIT_S = 30.0  # how long an ending iteration waits for its decoding threads
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    """Wait for stopped decoding threads to finish the sample in hand. A process that exits while
+    one is inside OpenCV aborts in C++ (``terminate called without an active exception``) instead of
+    returning its exit code; the bound keeps a read stuck on storage from holding the exit forever."""
+    deadline = time.monotonic() + _JOIN_WAIT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _offer(out: queue.Queue, item, stop: threading.Event) -> bool:
@@ -582,6 +594,7 @@ def _threaded_batches(stream: EvalStream, segments: tuple[Segment, ...], threads
                 yield item
     finally:
         stop.set()  # the consumer is done, failed or stopped early: the threads end at their next put
+        _join(workers)
 
 
 def eval_batches(split: SplitInfo, world_size: int, rank: int, image_size: int, resize: int, batch_size: int,

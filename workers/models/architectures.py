@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from alexray_core.spec import JobSpec, SpecError
 
@@ -24,6 +25,7 @@ __all__ = [
     "AlexNetTV",
     "alexnet_tv",
     "build_model",
+    "build_model_on_meta",
     "model_names",
     "classifier_head",
     "model_kwargs",
@@ -241,6 +243,15 @@ def _torchvision_classifiers() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+# GoogLeNet and Inception v3 warn at every build that their default initialisation (truncated
+# normal) will change in a later torchvision: asking for it explicitly keeps runs initialised alike
+# across torchvision versions. Their other defaults without weights suit training here: the
+# auxiliary classifiers on (their losses join the main one: workers.training.loop.training_loss)
+# and transform_input off (it maps inputs to the [-1, 1] range of the weights torchvision ported
+# from TensorFlow; these runs feed ImageNet-normalised crops).
+_TORCHVISION_DEFAULTS = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
+
+
 def build_model(name: str = "alexnet", num_classes: int = 1000, width: float = 1.0,
                 **kwargs) -> nn.Module:
     """Build a freshly initialised model by name; never downloads weights.
@@ -270,7 +281,35 @@ def build_model(name: str = "alexnet", num_classes: int = 1000, width: float = 1
                         f"torchvision model {key!r} needs width 1.0")
     import torchvision
 
+    kwargs = {**_TORCHVISION_DEFAULTS.get(key, {}), **kwargs}
     return torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
+
+
+# The factories that allocate a layer's parameters and buffers. Other factories (torch.arange,
+# torch.tensor, ...) make the small tensors some constructors compute with and read back (RegNet's
+# stage widths: torch.arange(...).tolist()), which meta tensors cannot be.
+_ALLOCATORS = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand,
+                         torch.randn, torch.eye})
+
+
+class _AllocateOnMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ALLOCATORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def build_model_on_meta(name: str = "alexnet", num_classes: int = 1000, width: float = 1.0,
+                        **kwargs) -> nn.Module:
+    """``build_model``'s network with its weights on the meta device: shapes without memory or
+    initialisation, so that the largest torchvision classifiers build in a fraction of a second.
+
+    ``with torch.device("meta")`` would put every tensor there, and RegNet's constructor cannot
+    read its own arithmetic back from meta tensors; here only the allocations go there, and the
+    few small buffers made from values (BatchNorm's batch counter) stay on the CPU."""
+    with _AllocateOnMeta():
+        return build_model(name, num_classes, width, **kwargs)
 
 
 def model_kwargs(spec: JobSpec) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = ["training_flops_per_sample", "forward_flops_per_sample", "peak_flops_for_name",
            "device_peak_flops", "mfu", "PEAKS"]
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _BATCH = 2  # a batch of 1 can take other kernels' shapes (BatchNorm refuses it in training mode)
 
 # Dense peaks in TFLOP/s as (name pattern, bf16, fp32), first match wins, from NVIDIA's datasheets,
@@ -88,27 +89,43 @@ def _count(model: nn.Module, image_size: int, device: str) -> float:
     return counter.get_total_flops() / _BATCH
 
 
-def _count_anywhere(model: nn.Module, image_size: int) -> float:
+def _count_anywhere(model: nn.Module, image_size: int, training: bool) -> float:
+    """``_count`` in training or evaluation mode (GoogLeNet and Inception v3 run their auxiliary
+    classifiers in training only), each module put back in its own mode afterwards."""
+    modes = [(module, module.training) for module in _plain(model).modules()]
+    _plain(model).train(training)
+    for module in _plain(model).modules():
+        # Uncounted, and the same shapes in either mode; in training mode its batch statistics on
+        # meta tensors run through torch's Python decompositions, a third of the pass's time.
+        if isinstance(module, _BATCH_NORMS):
+            module.eval()
     try:
         return _count(model, image_size, "meta")
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on real CPU tensors
+        if any(t.is_meta for t in _plain(model).parameters()):
+            raise  # a model built on meta has no values to copy: what the meta pass said is the answer
         return _count(model, image_size, "cpu")
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def training_flops_per_sample(model: nn.Module, image_size: int, device=None) -> float:
     """Model FLOPs of one training sample (forward and backward: 3x the forward) of ``model`` on
-    ``image_size`` px squares.
+    ``image_size`` px squares, auxiliary classifiers included.
 
     ``device`` is accepted for symmetry with the training loop and not used: the count depends on
     shapes only. About 0.03 s for AlexNet once torch's reference kernels are imported (the training
     worker imports them anyway; the first meta pass of a bare process imports them, about 1.5 s).
+    The pass raises what the model raises at this size: ``workers.models.input_size`` checks a
+    run's model with it before any worker starts.
     """
-    return 3 * _count_anywhere(model, image_size)
+    return 3 * _count_anywhere(model, image_size, training=True)
 
 
 def forward_flops_per_sample(model: nn.Module, image_size: int) -> float:
-    """FLOPs of one sample's forward pass (evaluation, inference)."""
-    return _count_anywhere(model, image_size)
+    """FLOPs of one sample's forward pass in evaluation mode (evaluation, inference, export)."""
+    return _count_anywhere(model, image_size, training=False)
 
 
 def peak_flops_for_name(name: str, bf16: bool) -> float | None:

@@ -37,7 +37,7 @@ from alexray_core.spec import (
     torchvision_source,
 )
 from workers.models import checkpoint_format as ckpt
-from workers.models.architectures import build_model, classifier_head, model_kwargs
+from workers.models.architectures import build_model_on_meta, classifier_head, model_kwargs
 from workers.models.loading import checkpoint_dir, describe, read_info
 
 FIELD = "finetune.from_checkpoint"
@@ -178,8 +178,7 @@ def check_weights_source(spec: JobSpec) -> str | None:
     found = weights_file(spec)
     if found is None:
         return None
-    with torch.device("meta"):  # the layers' shapes only: no memory, no initialisation
-        model = build_model(spec.model.name, spec.model.num_classes or 1000, spec.model.width, **model_kwargs(spec))
+    model = build_model_on_meta(spec.model.name, spec.model.num_classes or 1000, spec.model.width, **model_kwargs(spec))
     load_weights_file(found, model, spec)
     return str(found.path)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from urllib.parse import urlparse
 
 from alexray_core import runs
@@ -23,7 +24,7 @@ from alexray_core.spec import JobSpec, check_same_job, new_run_name
 from alexray_core.storage import absolute_location
 from alexray_core.storage.api import s3_endpoint, s3_region
 from data_prep.manifest import check_dataset
-from workers.training.ledger import close_account, open_account
+from workers.training.ledger import close_account, mark_session, open_account
 from workers.training.run_store import RunStore
 
 log = logging.getLogger("alexray.launch")
@@ -48,7 +49,11 @@ def ray_storage(storage: str):
 
 
 def prepare_run(spec: JobSpec) -> str:
-    """Name the run (if unnamed), check a named one is the same job, record its spec; returns run_dir."""
+    """Check that the model takes the image size, name the run (if unnamed), check a named one is the
+    same job, record its spec; returns run_dir. Nothing is written for a spec refused here."""
+    from workers.models.input_size import check_image_size
+
+    check_image_size(spec)
     spec.data.path = absolute_location(spec.data.path)
     check_dataset(spec.data.path, spec.data.train_split, spec.data.val_split, spec.model.num_classes)
     if spec.run.name is None:
@@ -68,12 +73,12 @@ def launch(spec: JobSpec, address: str | None = None, submitted: float | None = 
 
     ``submitted``: when the run was submitted (its account starts there), else this process's start."""
     submitted = submitted or process_start_time()
+    run_dir = prepare_run(spec)  # a refused spec starts no cluster
     if not address and "ray" not in sys.modules:  # Ray reads the switch when it is imported
         for name, value in LOOPBACK_ONLY.items():
             os.environ.setdefault(name, value)
     import ray
 
-    run_dir = prepare_run(spec)
     token_dir = None
     connected_here = not ray.is_initialized()
     if connected_here:
@@ -143,6 +148,7 @@ def _fit(spec: JobSpec, run_dir: str, submitted: float) -> None:
     with TargetPublisher(spec.run.name):  # Prometheus finds the workers through this driver (see discovery)
         try:
             trainer.fit()
+            mark_session(run_dir, fit_returned=time.time())
         except TrainingFailedError as e:
             for rank, error in user_errors(e).items():  # what the user must fix, as the worker said it
                 raise RunFailed(f"training failed on rank {rank}: {error}") from None

@@ -25,6 +25,12 @@ from alexray_core import goodput as g
 from alexray_core import runs
 
 PERSIST_EVERY_S = 5.0
+# A start's milestones, in order (unix times in the ledger's record): the worker process began
+# (Ray spawned it), our imports began and ended (Ray unpickles the train function), the train
+# function was entered, the model was built and resumed, the first batch arrived, the first step
+# ended. With the run's submit and the driver's call of fit (``goodput.SESSION``) they split
+# start-up into Ray's share and ours (``bench/startup.py``).
+START_PHASES = ("process", "importing", "imported", "started", "built", "first_batch", "first_step")
 
 
 class Ledger:
@@ -44,6 +50,7 @@ class Ledger:
         self.world = 1
         self.step = 0
         self._persisted = 0.0
+        self.phases: dict[str, float] = {"started": self.started}  # unix times of milestones (START_PHASES)
 
     # ---- where this start stands in the run -----------------------------------------------------
 
@@ -68,6 +75,12 @@ class Ledger:
         if mine:
             previous = max(mine, key=lambda r: r.attempt)
             g.gap(self.opening, previous.updated, self.started, failures)
+
+    def mark_start_phases(self, **times: float) -> None:
+        """Record milestones of this start (``START_PHASES``); the first reading of each is kept."""
+        for name, at in times.items():
+            assert name in START_PHASES, name
+            self.phases.setdefault(name, at)
 
     # ---- the loop's calls ---------------------------------------------------------------------------
 
@@ -115,8 +128,13 @@ class Ledger:
                 step += 1
                 self.step = step
                 got = self.enter(g.LOST_WORK if step <= self.high_water else g.PRODUCTIVE)
+                if first:
+                    self.mark_start_phases(first_batch=time.time())
                 yield batch
                 end = self.enter(g.DATA_WAIT)
+                if first:
+                    self.mark_start_phases(first_step=time.time())
+                    first = False
                 if on_step is not None:
                     on_step(end - begin, got - begin)
                 begin = end
@@ -139,7 +157,7 @@ class Ledger:
 
     def record(self) -> dict:
         return {"attempt": self.attempt, "rank": self.rank, "world": self.world, "started": self.started,
-                "step": self.step, "seconds": self.totals()}
+                "step": self.step, "seconds": self.totals(), "phases": dict(self.phases)}
 
     def persist(self, force: bool = False) -> None:
         """Write the ledger to the run directory: at most every PERSIST_EVERY_S unless ``force``."""
@@ -178,10 +196,21 @@ class LedgerCollector:
 # ---- the run's account, kept by the driver --------------------------------------------------------
 
 def open_account(run_dir: str, submitted: float, slots: int) -> None:
-    """Record when the run was submitted and its slots: ``alexray status`` accounts a live run from it."""
+    """Record when the run was submitted and its slots: ``alexray status`` accounts a live run from it.
+    Called just before the driver hands the run to Ray Train (``fit_called``: a start-up milestone)."""
     from alexray_core.storage import open_storage
 
-    open_storage(run_dir).write_bytes(g.SESSION, json.dumps({"submitted": submitted, "slots": slots}).encode())
+    session = {"submitted": submitted, "slots": slots, "fit_called": time.time()}
+    open_storage(run_dir).write_bytes(g.SESSION, json.dumps(session).encode())
+
+
+def mark_session(run_dir: str, **times: float) -> None:
+    """Add the driver's milestones (``fit_returned``: Ray Train handed the run back) to the session record."""
+    from alexray_core.storage import open_storage
+
+    storage = open_storage(run_dir)
+    session = json.loads(storage.read_optional(g.SESSION) or b"{}")
+    storage.write_bytes(g.SESSION, json.dumps({**session, **times}).encode())
 
 
 def close_account(run_dir: str, submitted: float, summary: dict | None = None) -> dict:

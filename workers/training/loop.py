@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import workers
 from alexray_core import goodput
 from alexray_core.spec import JobSpec, check_resumed_identity, spec_from_dict
 from alexray_core.spec import run_identity as identity
@@ -53,6 +54,7 @@ from workers.training.metrics import NullMetrics, worker_metrics
 from workers.training.run_store import RunStore
 
 log = logging.getLogger("alexray.train")
+IMPORTED = time.time()  # this module and everything it needs (torch, OpenCV, WebDataset, ...) are loaded
 
 
 # ---- sessions: Ray Train worker or a plain process ------------------------------------------------
@@ -305,6 +307,7 @@ def set_up(spec: JobSpec, run_dir: str, session: Session, ledger: Ledger, submit
     peak = device_peak_flops(session.device, use_bf16, t.peak_tflops)
     resumed = _resume(spec, session, store, model, optimizer, schedule)
     state = resumed or state
+    ledger.mark_start_phases(built=time.time())
     attempt = store.begin_attempt(session.rank, resumed_from=resumed.global_step if resumed else None)
     attempt = int(_all_reduce([attempt], session.device)[0])  # rank 0 counted the starts; every rank labels with it
     ledger.begin(store, attempt, session.rank, session.world_size, spec.worker_range()[1], submitted)
@@ -394,6 +397,24 @@ def _agree_to_step(run: Run, batch, epoch: int, skipped: int, rank_samples: int)
     return bool(found[0])
 
 
+# Inception v3's auxiliary loss weight in TF-slim, and PyTorch's fine-tuning tutorial's for both
+# models; GoogLeNet's paper weighted its two auxiliary classifiers by 0.3.
+AUX_LOSS_WEIGHT = 0.4
+
+
+def training_loss(outputs, labels: torch.Tensor, criterion) -> torch.Tensor:
+    """The loss a step minimises: ``criterion`` of the logits, plus AUX_LOSS_WEIGHT times that of each
+    auxiliary classifier for the models that have them (in training, GoogLeNet and Inception v3
+    return a namedtuple, main logits first; in evaluation the main logits alone)."""
+    main, *aux = (outputs,) if isinstance(outputs, torch.Tensor) else [o for o in outputs if o is not None]
+    if not len(labels):  # an empty batch still joins DDP's gradient all-reduce, with zeros rather than NaN
+        return sum(o.sum() for o in (main, *aux)) * 0.0
+    loss = criterion(main, labels)
+    for logits in aux:
+        loss = loss + AUX_LOSS_WEIGHT * criterion(logits, labels)
+    return loss
+
+
 def _step(run: Run, batch, any_samples: bool, checkpoints: CheckpointManager) -> torch.Tensor | None:
     """Forward, backward and the optimizer step; the loss, or None when this rank had no sample."""
     device, lighting = run.session.device, run.spec.data.lighting_std > 0
@@ -403,9 +424,7 @@ def _step(run: Run, batch, any_samples: bool, checkpoints: CheckpointManager) ->
         images = batch.images.to(device, non_blocking=True)
         x = to_model_input(images, batch.alphas if lighting else None, run.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-            logits = run.train_model(x)
-            # an empty batch here still joins DDP's gradient all-reduce, with zeros rather than NaN
-            loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+            loss = training_loss(run.train_model(x), labels, F.cross_entropy)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
     # Outside both `if any_samples`: every rank calls this at every step, samples or not, so its
@@ -565,6 +584,7 @@ def train_func(config: dict) -> None:
     """Entry point of each Ray Train worker."""
     logging.basicConfig(level=logging.WARNING, format="alexray: %(message)s")
     ledger = Ledger()  # from the worker's first moment: building the model and resuming are start-up
+    ledger.mark_start_phases(process=goodput.process_start_time(), importing=workers.IMPORT_STARTED, imported=IMPORTED)
     spec = spec_from_dict(config["spec"])
     train_loop(spec, config["run_dir"], RaySession(), config.get("submitted"), ledger)
 
