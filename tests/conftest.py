@@ -38,7 +38,7 @@ HEAVY_FIXTURES = {
 # Every collected test, before `-m` deselects any: what tests/test_suite_rules.py checks.
 COLLECTED = pytest.StashKey[list]()
 
-# `make test` runs the files on two pytest-xdist workers, a file on one worker (its module-scoped
+# `make test TEST_WORKERS=2` runs the files on two pytest-xdist workers, a file on one worker (its module-scoped
 # clusters are started once), handed out in collection order. These files take minutes each (in
 # this order, longest first, as measured on 2 cores): run first, so no long file starts last and
 # keeps one worker busy alone. A file missing here only runs later; nothing else depends on it.
