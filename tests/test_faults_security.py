@@ -40,11 +40,16 @@ def _env(**extra) -> dict:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T stopped, Z zombie, ...); None once it is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
 
 
 def _pids(predicate) -> list[int]:
@@ -329,10 +334,7 @@ def _prometheus_held_at_start(tmp_path: Path) -> dict:
 
 
 def _stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
+    return _state(pid) == "T"
 
 
 @pytest.mark.heavy("Prometheus")
